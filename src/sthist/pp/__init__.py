@@ -1,0 +1,8 @@
+"""Preprocessing: H&E patches around spots, expression targets and gene selection."""
+
+from __future__ import annotations
+
+from ._patches import extract_patches
+from ._targets import normalize_expression, select_genes
+
+__all__ = ["extract_patches", "normalize_expression", "select_genes"]

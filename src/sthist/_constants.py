@@ -29,3 +29,7 @@ BORDER_SUFFIX = "_at_border"  # obs[f"{key}_at_border"]: patch padded because it
 GENES_KEY = "sthist_genes"  # var: boolean gene selection; uns[key]["params"]
 TARGETS_KEY = "targets"  # layers: normalised expression targets; uns[key]["params"]
 PREDICTED_KEY = "predicted"
+CONTRASTIVE_KEY = "contrastive"  # uns: params, history, model_id / model_dir of fit_contrastive
+SPREAD_SUFFIX = "_spread"  # obs[f"{key}_spread"]: spread of the retrieved neighbours (uncertainty)
+MODELLED_SUFFIX = "_modelled"  # var[f"{key}_modelled"]: the gene is covered by the model
+CV_KEY = "cv_predicted"

@@ -76,3 +76,132 @@ def resolve_library(adata: AnnData, *, library_id: str | None = None) -> str:
         f"adata.uns['spatial'] holds several libraries {libs}: pass `library_id=` for one, or "
         "`library_key=` naming the obs column that says which library each spot belongs to."
     )
+
+
+def resolve_genes(adata: AnnData, genes: Any) -> np.ndarray:
+    """Resolve a gene selection to a boolean mask over ``adata.var_names``.
+
+    Parameters
+    ----------
+    adata
+        The AnnData whose genes are selected.
+    genes
+        ``None`` (all genes); the name of a boolean column of ``adata.var``; a path (``str`` or
+        :class:`os.PathLike`) to a text file with one gene name per line (blank lines and lines starting
+        with ``#`` are skipped); a list-like of gene names; or a boolean array of length ``n_vars``.
+        A string is looked up as a ``var`` column first, then as a file.
+
+    Returns
+    -------
+    Boolean array of shape ``(n_vars,)``.
+
+    Raises
+    ------
+    KeyError
+        Unknown ``var`` column, or none of the listed genes is in ``adata.var_names``.
+    FileNotFoundError
+        A path-like string that names no file.
+    TypeError, ValueError
+        Malformed input (non-boolean column, wrong mask length, empty list or file, selection of no gene).
+
+    Warns
+    -----
+    UserWarning
+        Some, but not all, listed genes are absent from ``adata.var_names`` (how many, and a few names).
+    """
+    import os
+    import warnings
+    from pathlib import Path
+
+    import pandas as pd
+
+    n_vars = adata.n_vars
+    if genes is None:
+        return np.ones(n_vars, dtype=bool)
+
+    if isinstance(genes, str) and genes in adata.var.columns:
+        col = adata.var[genes]
+        if not pd.api.types.is_bool_dtype(col.dtype):
+            raise TypeError(
+                f"adata.var[{genes!r}] has dtype {col.dtype}, but a gene selection column must be boolean. "
+                f"Convert it, e.g. `adata.var[{genes!r}] = adata.var[{genes!r}] == 1`, or pass a list of gene names."
+            )
+        if col.isna().any():
+            raise ValueError(f"adata.var[{genes!r}] has missing values; fill them, e.g. `.fillna(False)`.")
+        mask = np.array(col, dtype=bool)  # a copy, never a view of adata.var
+        if not mask.any():
+            raise ValueError(f"adata.var[{genes!r}] selects no gene (all False).")
+        return mask
+
+    if isinstance(genes, str | os.PathLike):
+        path = Path(genes)
+        if path.is_file():
+            with path.open(encoding="utf-8") as fh:
+                names = [s.strip() for s in fh]
+            names = [s for s in names if s and not s.startswith("#")]
+            if not names:
+                raise ValueError(f"Gene file {str(path)!r} lists no gene: write one gene name per line.")
+            source = f"gene file {str(path)!r}"
+        elif isinstance(genes, os.PathLike) or os.sep in genes or "/" in genes or path.suffix in {".txt", ".tsv"}:
+            raise FileNotFoundError(
+                f"Gene file {str(path)!r} does not exist; pass an existing text file with one gene per line."
+            )
+        else:
+            bool_cols = [c for c in adata.var.columns if pd.api.types.is_bool_dtype(adata.var[c].dtype)]
+            in_var = genes in adata.var_names
+            hint = f" To select the one gene {genes!r}, pass a list: genes=[{genes!r}]." if in_var else ""
+            raise KeyError(
+                f"genes={genes!r} is neither a column of adata.var nor an existing file. Boolean columns of "
+                f"adata.var: {bool_cols}.{hint} Pass a column name (e.g. one written by `sthist.pp.select_genes`), "
+                "a list of gene names or a path to a text file with one gene per line."
+            )
+    else:
+        if isinstance(genes, pd.Series | pd.Index):
+            genes = genes.to_numpy()
+        elif isinstance(genes, set | frozenset):
+            genes = sorted(genes, key=str)
+        if isinstance(genes, np.ndarray) and genes.dtype == bool:
+            if genes.ndim != 1 or genes.shape[0] != n_vars:
+                raise ValueError(f"A boolean gene mask must have shape ({n_vars},) (adata.n_vars), got {genes.shape}.")
+            if not genes.any():
+                raise ValueError("The boolean gene mask selects no gene (all False).")
+            return genes.copy()
+        try:
+            names = list(genes)
+        except TypeError:
+            raise TypeError(
+                f"genes must be None, a var column name, a file path, a list of gene names or a boolean mask; "
+                f"got {type(genes).__name__}."
+            ) from None
+        if not names:
+            raise ValueError("genes is an empty list: pass at least one gene name, or None for all genes.")
+        bad = [g for g in names if not isinstance(g, str)]
+        if bad:
+            raise TypeError(f"Gene names must be strings; got {bad[:3]!r} ({type(bad[0]).__name__}).")
+        names = [str(g) for g in names]
+        source = "genes"
+
+    present = adata.var_names.isin(names)
+    wanted = list(dict.fromkeys(names))
+    var_set = set(adata.var_names)
+    missing = [g for g in wanted if g not in var_set]
+    if not present.any():
+        lower = {v.lower() for v in adata.var_names}
+        case_hint = (
+            " Some match when case is ignored: check the spelling of the names."
+            if any(g.lower() in lower for g in wanted)
+            else ""
+        )
+        raise KeyError(
+            f"None of the {len(wanted)} genes of {source} is in adata.var_names (e.g. {wanted[:3]} vs "
+            f"{adata.var_names[:3].tolist()}).{case_hint} If your gene symbols are in a column of adata.var, "
+            "set `adata.var_names = adata.var[column]` (then `adata.var_names_make_unique()`)."
+        )
+    if missing:
+        warnings.warn(
+            f"{len(missing)} of {len(wanted)} genes of {source} are not in adata.var_names and are skipped, "
+            f"e.g. {missing[:5]}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return np.asarray(present, dtype=bool)

@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._plots import gene_correlation, predicted_vs_true, scores, training_history
+
+__all__ = ["gene_correlation", "predicted_vs_true", "scores", "training_history"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from ._embed import embed_patches
 from ._patches import extract_patches
 from ._targets import normalize_expression, select_genes
 
-__all__ = ["extract_patches", "normalize_expression", "select_genes"]
+__all__ = ["embed_patches", "extract_patches", "normalize_expression", "select_genes"]

@@ -1,0 +1,90 @@
+"""Small helpers shared by the engine: devices, seeding, progress bars."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """Return ``device`` as a :class:`torch.device`; ``None`` picks cuda, then mps, then cpu."""
+    import torch
+
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={device!r} is not a valid torch device; use 'cpu', 'cuda', 'cuda:0' or 'mps'."
+        ) from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available here; use device='cpu' or None.")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(
+                f"device={device!r} was requested but MPS is not available here; use device='cpu' or None."
+            )
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global random number generators."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002  (third-party code may use the global generator)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, a no-op context elsewhere."""
+    import torch
+
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def progress_bar(iterable: Any = None, *, enabled: bool = True, **kwargs: Any):
+    """Wrap ``iterable`` in a tqdm progress bar that can be switched off."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not enabled, **kwargs)
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """Return ``value`` as int, raising unless it is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_float(
+    name: str, value: Any, *, minimum: float | None = None, strict: bool = False, below: float | None = None
+) -> float:
+    """Return ``value`` as float, raising when it is not a finite number in range."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float | np.integer | np.floating)
+        or not np.isfinite(value)
+    ):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    value = float(value)
+    if minimum is not None and (value < minimum or (strict and value == minimum)):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be {op} {minimum}, got {value!r}.")
+    if below is not None and value >= below:
+        raise ValueError(f"{name} must be < {below}, got {value!r}.")
+    return value

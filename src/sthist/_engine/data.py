@@ -1,0 +1,297 @@
+"""Spots as arrays, batches on a device, augmentation and spatial neighbours."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .encoders import images_to_tensor
+from .methods._base import Batch
+
+
+class FeatureScaler(nn.Module):
+    """Standardises frozen image features with the training mean and standard deviation (identity when unset)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, feats: np.ndarray) -> FeatureScaler:
+        """Set mean and standard deviation from ``feats`` (n, d); constant columns keep std 1."""
+        x = torch.as_tensor(feats, dtype=torch.float64)
+        std = x.std(dim=0, unbiased=False)
+        std[std < 1e-8] = 1.0
+        self.mean.copy_(x.mean(dim=0).float())
+        self.std.copy_(std.float())
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random flips, rotations by multiples of 90 degrees and mild colour jitter of (B, 3, H, W) images in [0, 1].
+
+    Flips and rotations as in BLEEP's ``dataset.py``; colour jitter (brightness, contrast, saturation, each by a
+    factor in [0.9, 1.1]) mimics stain and scanner variation. Random numbers come from ``generator`` (CPU), so
+    augmentation is repeatable for a seed.
+    """
+    b = x.shape[0]
+    dev = x.device
+    hflip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    vflip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    square = x.shape[-1] == x.shape[-2]
+    rot = (
+        torch.randint(0, 4, (b,), generator=generator) if square else torch.randint(0, 2, (b,), generator=generator) * 2
+    )
+    jitter = (torch.rand(b, 3, generator=generator) * 0.2 + 0.9).to(dev)
+    x = torch.where(hflip.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(vflip.view(-1, 1, 1, 1), x.flip(-2), x)
+    out = x.clone()
+    for r in (1, 2, 3):
+        sel = (rot == r).nonzero().flatten().to(dev)
+        if sel.numel():
+            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+    x = out * jitter[:, 0].view(-1, 1, 1, 1)  # brightness
+    gray = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - gray) * jitter[:, 1].view(-1, 1, 1, 1) + gray  # contrast
+    lum = x.mean(dim=1, keepdim=True)
+    x = (x - lum) * jitter[:, 2].view(-1, 1, 1, 1) + lum  # saturation
+    return x.clamp(0.0, 1.0)
+
+
+def spatial_neighbors(coords: np.ndarray, groups: np.ndarray | None, k: int) -> np.ndarray:
+    """Return indices (n, k) of the k nearest spots of the same group (self excluded), ``-1`` where a group is too small."""
+    from scipy.spatial import cKDTree
+
+    n = coords.shape[0]
+    out = np.full((n, k), -1, dtype=np.int64)
+    if k <= 0:
+        return out
+    codes = np.zeros(n, dtype=np.int64) if groups is None else groups
+    for g in np.unique(codes):
+        idx = np.flatnonzero(codes == g)
+        if idx.size < 2:
+            continue
+        kk = min(k, idx.size - 1)
+        _, nb = cKDTree(coords[idx]).query(coords[idx], k=kk + 1)
+        nb = np.asarray(nb).reshape(idx.size, kk + 1)
+        # drop self (usually the first hit; anywhere, or absent, among duplicated coordinates): keep the first kk others
+        other = nb != np.arange(idx.size)[:, None]
+        first = np.argsort(~other, axis=1, kind="stable")[:, :kk]
+        out[idx, :kk] = idx[np.take_along_axis(nb, first, axis=1)]
+    return out
+
+
+def iter_batches(
+    indices: np.ndarray,
+    batch_size: int,
+    *,
+    rng: np.random.Generator | None = None,
+    drop_last: bool = False,
+    groups: np.ndarray | None = None,
+    by_group: bool = False,
+) -> Iterator[np.ndarray]:
+    """Yield index arrays; shuffled when ``rng`` is given.
+
+    ``drop_last`` drops the incomplete last batch (training, as BLEEP); otherwise the indices are split into
+    near-equal batches of at most ``batch_size``. With ``by_group`` every batch holds one group only.
+    """
+    indices = np.asarray(indices)
+    if by_group and groups is not None:
+        parts = [indices[groups[indices] == g] for g in np.unique(groups[indices])]
+        if rng is not None:
+            parts = [parts[i] for i in rng.permutation(len(parts))]
+    else:
+        parts = [indices]
+    for part in parts:
+        if rng is not None:
+            part = part[rng.permutation(part.size)]
+        if drop_last:
+            for s in range(0, part.size - batch_size + 1, batch_size):
+                yield part[s : s + batch_size]
+        elif part.size:
+            n_batches = -(-part.size // batch_size)
+            yield from np.array_split(part, n_batches)
+
+
+class SpotData:
+    """The arrays of a set of spots; makes :class:`Batch` objects on a device.
+
+    Either ``features`` (n, d) (frozen mode) or ``images`` (n, H, W, 3) uint8 (encoded on the fly) are given.
+    Features, expression, coordinates and groups are moved to the device once; images stay on the host.
+    """
+
+    def __init__(
+        self,
+        *,
+        features: np.ndarray | None = None,
+        images: np.ndarray | None = None,
+        expression: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        neighbors: np.ndarray | None = None,
+        device: torch.device,
+    ):
+        if (features is None) == (images is None):
+            raise ValueError("SpotData needs exactly one of features= or images=.")
+        self.device = device
+        self.images = images
+        self.n = int((features if features is not None else images).shape[0])
+        self.features = None if features is None else torch.as_tensor(features, dtype=torch.float32).to(device)
+        self.expression = None if expression is None else torch.as_tensor(expression, dtype=torch.float32).to(device)
+        self.coords = None if coords is None else torch.as_tensor(coords, dtype=torch.float32).to(device)
+        self.groups = None if groups is None else torch.as_tensor(groups, dtype=torch.int64).to(device)
+        self.neighbors = neighbors
+
+    def _features(self, idx: np.ndarray, encoder, scaler, augment) -> torch.Tensor:
+        if self.features is not None:
+            f = self.features[torch.as_tensor(idx, device=self.device)]
+        else:
+            x = images_to_tensor(self.images[idx], self.device)
+            if augment is not None:
+                x = augment(x)
+            f = encoder(x)
+        return f if scaler is None else scaler(f)
+
+    def make_batch(
+        self,
+        idx: np.ndarray,
+        *,
+        encoder: Callable | None = None,
+        scaler: Callable | None = None,
+        augment: Callable | None = None,
+        n_neighbors: int = 0,
+        with_expression: bool = True,
+    ) -> Batch:
+        """Gather the spots ``idx`` (and their neighbours when ``n_neighbors``) into a :class:`Batch`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        t_idx = torch.as_tensor(idx, device=self.device)
+        nb = None
+        if n_neighbors:
+            if self.neighbors is None:
+                raise ValueError("this method needs spatial neighbours: pass coords=.")
+            nb = self.neighbors[idx, :n_neighbors]
+            # encode the spots and their neighbours together (one forward pass, augmentation per image)
+            uniq, inv = np.unique(np.concatenate([idx, nb[nb >= 0]]), return_inverse=True)
+            feats_all = self._features(uniq, encoder, scaler, augment)
+            feats = feats_all[torch.as_tensor(inv[: idx.size], device=self.device)]
+            mask = nb >= 0
+            pos = np.zeros(nb.shape, dtype=np.int64)
+            pos[mask] = inv[idx.size :]
+            nb_feats = feats_all[torch.as_tensor(pos, device=self.device)]
+            t_mask = torch.as_tensor(mask, device=self.device)
+            nb_feats = nb_feats * t_mask.unsqueeze(-1).to(nb_feats.dtype)
+        else:
+            feats = self._features(idx, encoder, scaler, augment)
+        batch = Batch(
+            img_feats=feats,
+            expression=self.expression[t_idx] if (with_expression and self.expression is not None) else None,
+            index=t_idx,
+            coords=None if self.coords is None else self.coords[t_idx],
+            groups=None if self.groups is None else self.groups[t_idx],
+        )
+        if nb is not None:
+            t_nb = torch.as_tensor(np.where(nb >= 0, nb, 0), device=self.device)
+            batch.neighbor_index = torch.as_tensor(nb, device=self.device)
+            batch.neighbor_mask = t_mask
+            batch.neighbor_img_feats = nb_feats
+            if self.coords is not None:
+                batch.neighbor_coords = self.coords[t_nb] * t_mask.unsqueeze(-1)
+            if with_expression and self.expression is not None:
+                batch.neighbor_expression = self.expression[t_nb] * t_mask.unsqueeze(-1)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# input checks shared by training and prediction
+
+
+def check_expression(expression, *, name: str = "expression") -> np.ndarray:
+    """Return expression as float32 (n, g); NaN, infinite or negative values raise with the fix."""
+    if hasattr(expression, "toarray"):
+        expression = expression.toarray()
+    x = np.asarray(expression)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-d array (n_spots, n_genes), got shape {x.shape}.")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape}).")
+    if not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}.")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise ValueError(
+            f"{name} holds NaN or infinite values (in {rows.size} spots, e.g. rows {rows[:5].tolist()}); "
+            "drop those spots or fill the values before training."
+        )
+    if (x < 0).any():
+        raise ValueError(
+            f"{name} holds negative values (min {float(x.min()):.4g}); sthist expects non-negative expression such as "
+            "log1p-normalised counts (`sthist.pp.normalize_expression`), not z-scores or batch-corrected residuals."
+        )
+    return x
+
+
+def check_genes(genes, n_genes: int) -> list[str]:
+    """Return gene names as a list of str of length ``n_genes``, unique."""
+    if isinstance(genes, str):
+        raise TypeError("genes must be a list of gene names, not a single string.")
+    genes = [str(g) for g in genes]
+    if len(genes) != n_genes:
+        raise ValueError(f"genes has {len(genes)} names but expression has {n_genes} columns; they must match.")
+    if len(set(genes)) != len(genes):
+        dup = sorted({g for g in genes if genes.count(g) > 1})[:5]
+        raise ValueError(
+            f"gene names must be unique; duplicated: {dup}. Make them unique (`adata.var_names_make_unique()`)."
+        )
+    return genes
+
+
+def check_features(features, n: int | None, *, name: str = "features") -> np.ndarray:
+    """Return features as float32 (n, d), raising on wrong shape or non-finite values."""
+    x = np.asarray(features)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-d array (n_spots, n_features), got shape {x.shape}.")
+    if n is not None and x.shape[0] != n:
+        raise ValueError(f"{name} has {x.shape[0]} rows but expression has {n} spots; they must match.")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no columns.")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or infinite values; recompute the embeddings (`sthist.pp.embed_patches`).")
+    return x
+
+
+def check_coords(coords, n: int) -> np.ndarray | None:
+    """Return coordinates as float64 (n, 2) or None."""
+    if coords is None:
+        return None
+    x = np.asarray(coords, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < 2 or x.shape[0] != n:
+        raise ValueError(f"coords must have shape ({n}, 2) (x, y per spot), got {x.shape}.")
+    x = x[:, :2]
+    if not np.isfinite(x).all():
+        raise ValueError("coords hold NaN or infinite values; drop those spots first.")
+    return x
+
+
+def group_codes(groups, n: int) -> np.ndarray | None:
+    """Return integer codes (n,) of the groups (sections) or None."""
+    if groups is None:
+        return None
+    g = np.asarray(groups)
+    if g.ndim != 1 or g.shape[0] != n:
+        raise ValueError(f"groups must have shape ({n},) (one section label per spot), got {g.shape}.")
+    if g.dtype.kind == "f" and np.isnan(g).any():
+        raise ValueError("groups hold NaN; give every spot a section label.")
+    try:
+        _, codes = np.unique(g, return_inverse=True)
+    except TypeError:
+        _, codes = np.unique(g.astype(str), return_inverse=True)
+    return codes.astype(np.int64).reshape(-1)

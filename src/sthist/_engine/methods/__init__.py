@@ -1,0 +1,45 @@
+"""Contrastive methods: one small module each, registered by name.
+
+Add a method by writing ``methods/<name>.py`` with a :class:`~sthist._engine.methods._base.Method` subclass
+decorated with ``@register("<name>")`` and importing it at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ._base import Batch, Method, ProjectionHead
+
+METHODS: dict[str, type[Method]] = {}
+"""Registered methods by name."""
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator that registers a :class:`Method` subclass under ``name``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"only Method subclasses can be registered, got {cls!r}.")
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"a method named {name!r} is already registered ({METHODS[name].__qualname__}).")
+        if cls.prediction not in ("retrieval", "regression"):
+            raise ValueError(
+                f"{cls.__qualname__}.prediction must be 'retrieval' or 'regression', got {cls.prediction!r}."
+            )
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[Method]:
+    """Return the method class registered as ``name``; unknown names raise with the registered ones."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"method={name!r} is not a registered method; choose one of {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+from . import bleep  # noqa: E402, F401  (registers "bleep")
+
+__all__ = ["METHODS", "Batch", "Method", "ProjectionHead", "get_method", "register"]

@@ -1,0 +1,393 @@
+"""H&E patches centred on every spot: :func:`extract_patches`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import _constants as C
+from .._docs import inject_docs
+from .._logging import info
+from .._validate import check_adata, check_positive_int, check_spatial, resolve_library
+from ._image import ImageSource, open_image
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+_FN = "sthist.pp.extract_patches"
+_NO_LIBRARY = "image"  # the record's library label when adata.uns['spatial'] has none and image= is given
+
+
+def _three_ways(lib: str) -> str:
+    return (
+        "Give the full-resolution image one of three ways: (1) `extract_patches(adata, image=...)` with a path "
+        "(JPEG, PNG, TIFF/OME-TIFF, .svs/.ndpi/... or a SpatialData .zarr store), an array (H, W, 3) uint8, a "
+        "spatialdata image or a SpatialData object with `image_key=`; (2) an in-memory array in "
+        f"`adata.uns['spatial'][{lib!r}]['images']['fullres']`; (3) a file path in "
+        f"`adata.uns['spatial'][{lib!r}]['metadata']['source_image_path']` (for a SpatialData .zarr store, "
+        "also `['metadata']['source_image_key']` naming the image element)."
+    )
+
+
+def _resolve_libraries(
+    adata: AnnData, library_key: str | None, library_id: str | None, image: Any
+) -> tuple[list[str], np.ndarray]:
+    """Return the libraries in use and, for every spot, the index of its library in that list."""
+    spatial = adata.uns.get(C.SPATIAL_KEY, {})
+    if not isinstance(spatial, Mapping):
+        raise TypeError(
+            f"adata.uns['spatial'] must be a dict {{library_id: {{'images': ..., 'scalefactors': ...}}}}, "
+            f"got {type(spatial).__name__}."
+        )
+    uns_libs = list(spatial.keys())
+    if library_key is not None:
+        if library_id is not None:
+            raise ValueError(
+                "Pass either `library_key=` (an obs column naming each spot's library) or `library_id=` "
+                "(one library for all spots), not both."
+            )
+        if library_key not in adata.obs:
+            raise KeyError(
+                f"library_key={library_key!r} is not a column of adata.obs; available columns: {list(adata.obs)}."
+            )
+        col = adata.obs[library_key]
+        if col.isna().any():
+            bad = adata.obs_names[col.isna().to_numpy()][:5].tolist()
+            raise ValueError(
+                f"adata.obs[{library_key!r}] has missing values (e.g. spots {bad}); every spot needs a library."
+            )
+        labels = col.astype(str).to_numpy()
+        libs, codes = np.unique(labels, return_inverse=True)
+        libs = [str(lib) for lib in libs]
+        if isinstance(image, dict):
+            missing = [lib for lib in libs if lib not in image]
+            if missing:
+                raise KeyError(
+                    f"image= has no entry for libraries {missing} of adata.obs[{library_key!r}]; it has {list(image)}."
+                )
+        elif image is not None:
+            if len(libs) > 1:
+                raise ValueError(
+                    f"image= gives one image but adata.obs[{library_key!r}] holds {len(libs)} libraries {libs}: "
+                    "pass a dict `image={library_id: image}`, or leave image=None to use adata.uns['spatial']."
+                )
+        else:
+            missing = [lib for lib in libs if lib not in spatial]
+            if missing:
+                raise KeyError(
+                    f"libraries {missing} of adata.obs[{library_key!r}] are not in adata.uns['spatial'], "
+                    f"which holds {uns_libs}. The obs column must hold the library ids used in uns['spatial']."
+                )
+        return libs, codes.astype(np.intp)
+    if isinstance(image, dict):
+        keys = [str(k) for k in image]
+        if library_id is not None:
+            if library_id not in image:
+                raise KeyError(f"library_id={library_id!r} is not a key of image=; it has {keys}.")
+            lib = library_id
+        elif len(keys) == 1:
+            lib = keys[0]
+        else:
+            raise ValueError(
+                f"image= is a dict of {len(keys)} images {keys}: pass `library_key=` naming the obs column that "
+                "says which library each spot belongs to, or `library_id=` for one."
+            )
+    elif image is not None and not uns_libs:
+        lib = _NO_LIBRARY if library_id is None else library_id
+    elif image is not None and library_id is not None:
+        lib = library_id
+    else:
+        lib = resolve_library(adata, library_id=library_id)
+    return [lib], np.zeros(adata.n_obs, dtype=np.intp)
+
+
+def _open_library(adata: AnnData, lib: str, image: Any, image_key: str | None, pad_value: int) -> ImageSource:
+    """Open the image of one library: explicit ``image=``, else uns fullres, else uns source_image_path."""
+    if isinstance(image, dict):
+        image = image[lib]
+    if image is not None:
+        return open_image(image, image_key=image_key, pad_value=pad_value, what=f"image= (library {lib!r})")
+    entry = adata.uns.get(C.SPATIAL_KEY, {}).get(lib, {})
+    images = entry.get(C.IMAGES, {}) or {}
+    if images.get(C.FULLRES) is not None:
+        where = f"adata.uns['spatial'][{lib!r}]['images']['fullres']"
+        return open_image(images[C.FULLRES], pad_value=pad_value, what=where, description=f"in-memory array in {where}")
+    meta = entry.get(C.METADATA, {}) or {}
+    path = meta.get(C.SOURCE_IMAGE_PATH)
+    if path is not None and str(path) != "":
+        where = f"adata.uns['spatial'][{lib!r}]['metadata']['source_image_path']"
+        key = meta.get(C.SOURCE_IMAGE_KEY) or image_key
+        try:
+            return open_image(str(path), image_key=key, pad_value=pad_value, what=where)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{e} Fix the path (`{where} = '/path/to/image'`, relative paths are read from the working "
+                f"directory) or pass the image with `image=`."
+            ) from None
+    found = sorted(images) if images else []
+    extra = f" Only downscaled images {found} were found; patches need the full-resolution image." if found else ""
+    raise KeyError(f"No full-resolution image for library {lib!r}.{extra} {_three_ways(lib)}")
+
+
+def _scalefactor_mpp(adata: AnnData, lib: str) -> float | None:
+    sf = adata.uns.get(C.SPATIAL_KEY, {}).get(lib, {}).get(C.SCALEFACTORS, {}) or {}
+    value = sf.get(C.MPP)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _outside_message(
+    adata: AnnData, lib: str, idx: np.ndarray, coords: np.ndarray, shape: tuple[int, int], spatial_key: str
+) -> str:
+    H, W = shape
+    cx, cy = np.floor(coords[idx, 0] + 0.5), np.floor(coords[idx, 1] + 0.5)
+    bad = (cx < 0) | (cx >= W) | (cy < 0) | (cy >= H)
+    bad_idx = idx[bad][:3]
+    examples = ", ".join(f"{adata.obs_names[i]!r} at (x={coords[i, 0]:.1f}, y={coords[i, 1]:.1f})" for i in bad_idx)
+    msg = (
+        f"{int(bad.sum())} of {len(idx)} spot centres of library {lib!r} lie outside its image "
+        f"(width {W} x height {H} px), e.g. {examples}. adata.obsm[{spatial_key!r}] must hold full-resolution "
+        "pixel coordinates (x = column, y = row)."
+    )
+    swapped = (
+        (coords[idx, 1] >= -0.5) & (coords[idx, 1] < W - 0.5) & (coords[idx, 0] >= -0.5) & (coords[idx, 0] < H - 0.5)
+    )
+    if swapped.all():
+        msg += f" x and y look swapped: try `adata.obsm[{spatial_key!r}] = adata.obsm[{spatial_key!r}][:, ::-1]`."
+    else:
+        msg += (
+            " If they are at hires or lowres scale, divide them by "
+            f"adata.uns['spatial'][{lib!r}]['scalefactors']['tissue_hires_scalef'] (or ..._lowres_scalef); "
+            "otherwise check that the image belongs to these spots."
+        )
+    return msg
+
+
+@inject_docs
+def extract_patches(
+    adata: AnnData,
+    *,
+    patch_size: int = 224,
+    mpp: float | None = None,
+    library_key: str | None = None,
+    library_id: str | None = None,
+    image: Any = None,
+    image_key: str | None = None,
+    spatial_key: str = C.SPATIAL_KEY,
+    pad_value: int = 255,
+    key_added: str = C.PATCHES_KEY,
+    progress: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """Crop an RGB patch centred on every spot from the full-resolution H&E image.
+
+    Geometry: the spot centre ``(x, y)`` of ``obsm[spatial_key]`` (full-resolution pixels, x = column, y = row,
+    pixel ``i`` covering ``[i - 0.5, i + 0.5)``) is rounded half up to the pixel ``(floor(x + 0.5),
+    floor(y + 0.5))``, and that pixel is ``patch[S // 2, S // 2]`` for a patch of size ``S``: for odd ``S`` the
+    exact centre, for even ``S`` the lower-right of the four central pixels. The patch covers columns
+    ``floor(x + 0.5) - S // 2`` to ``floor(x + 0.5) - S // 2 + S - 1`` (rows alike). Parts outside the image
+    are filled with ``pad_value`` and the spot is flagged in ``obs``.
+
+    With ``mpp``, a square of ``R = round(S * mpp / source_mpp)`` source pixels is read around the centre (same
+    convention, pixel ``S // 2`` of the output on the centre) and resized to ``S`` x ``S`` with PIL (area
+    averaging when shrinking, bilinear when enlarging). ``mpp=0.5, patch_size=224`` gives HEST's 112 µm patches.
+
+    The image of each library is taken from, in this order: ``image=``; the in-memory array
+    ``uns['spatial'][library]['images']['fullres']``; the file ``uns['spatial'][library]['metadata']
+    ['source_image_path']`` (a SpatialData ``.zarr`` store needs ``['metadata']['source_image_key']``).
+    JPEG and PNG are decoded once per library; tiled / pyramidal TIFF and OME-TIFF are read tile by tile at
+    level 0 (spots are visited in tile order), whole-slide formats through openslide, so large slides are never
+    decoded whole. Nothing is written into ``adata`` unless every spot was extracted.
+
+    Parameters
+    ----------
+    {adata}
+    patch_size
+        Side ``S`` of the square patches in output pixels.
+    mpp
+        Microns per pixel of the patches. ``None`` crops at the image's own resolution. Otherwise the image's
+        microns per pixel must be known: ``uns['spatial'][library]['scalefactors']['microns_per_pixel']`` or,
+        failing that, the file's metadata (OME-TIFF ``PhysicalSizeX``, openslide ``mpp-x``).
+    {library_key}
+    {library_id}
+    image
+        The full-resolution image, overriding ``uns['spatial']``: a path (JPEG, PNG, TIFF/OME-TIFF, .svs, .ndpi,
+        .mrxs, .scn, ... or a SpatialData ``.zarr`` store), a numpy or dask array (H, W, 3) uint8, a spatialdata
+        image (``xarray.DataArray`` or multiscale ``DataTree``, dims (c, y, x); full resolution is used), a
+        ``spatialdata.SpatialData`` object (with ``image_key``), or a dict ``{library_id: image}`` together with
+        ``library_key``. The coordinates in ``obsm[spatial_key]`` must be pixel coordinates of this image.
+    image_key
+        Name of the image element when ``image`` is a SpatialData object or store.
+    spatial_key
+        Key of the spot centres in ``adata.obsm``.
+    pad_value
+        Grey value (0-255) of the pixels of patches that reach beyond the image.
+    key_added
+        Name of the outputs (see Returns).
+    {progress}
+    {copy}
+
+    Returns
+    -------
+    ``None`` if ``copy=False``, else a copy of ``adata`` holding:
+
+    ``adata.obsm['patches' | key_added]``
+        uint8 array (n_obs, S, S, 3) of RGB patches.
+    ``adata.obs['patches_at_border' | key_added + '_at_border']``
+        bool, whether the patch reached beyond the image edge and was padded with ``pad_value``.
+    ``adata.uns['patches' | key_added]['params']``
+        ``patch_size``, ``mpp``, ``library_key``, ``library_id`` (libraries used), ``pad_value``, ``spatial_key``,
+        and per library: ``source_mpp`` (``None`` when unknown), ``source_patch_size`` (``R``), ``image_source``
+        (which reader read which file or object), plus ``resample`` and ``centre`` (the conventions above).
+
+    Examples
+    --------
+    >>> import sthist
+    >>> adata = sthist.datasets.toy()
+    >>> sthist.pp.extract_patches(adata, patch_size=224, mpp=0.5)  # doctest: +SKIP
+    >>> adata.obsm["patches"].shape  # doctest: +SKIP
+    (n_obs, 224, 224, 3)
+    """
+    check_adata(adata, fn=_FN)
+    S = check_positive_int("patch_size", patch_size)
+    if mpp is not None:
+        if isinstance(mpp, bool) or not isinstance(mpp, int | float | np.integer | np.floating):
+            raise TypeError(f"mpp must be a number (microns per pixel) or None, got {type(mpp).__name__}.")
+        if not (math.isfinite(float(mpp)) and mpp > 0):
+            raise ValueError(
+                f"mpp must be a positive number of microns per pixel (e.g. 0.5 for HEST's 112 µm patches of 224 "
+                f"px), or None to crop at the image's own resolution; got {mpp!r}."
+            )
+        mpp = float(mpp)
+    if isinstance(pad_value, bool) or not isinstance(pad_value, int | np.integer) or not 0 <= pad_value <= 255:
+        raise ValueError(f"pad_value must be an integer grey value in 0..255, got {pad_value!r}.")
+    pad_value = int(pad_value)
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
+    coords = check_spatial(adata, key=spatial_key)
+    libs, codes = _resolve_libraries(adata, library_key, library_id, image)
+
+    start = info(
+        f"extracting {S} x {S} px patches around {adata.n_obs} spots"
+        + (f" at {mpp} µm/px" if mpp is not None else "")
+        + f" from {len(libs)} image{'s' if len(libs) > 1 else ''}"
+    )
+    n = adata.n_obs
+    with ExitStack() as stack:
+        # open and check every library's image before reading any pixel
+        plans = []
+        for li, lib in enumerate(libs):
+            src = _open_library(adata, lib, image, image_key, pad_value)
+            stack.enter_context(src)
+            idx = np.flatnonzero(codes == li)
+            source_mpp = _scalefactor_mpp(adata, lib) or src.mpp
+            if mpp is not None and source_mpp is None:
+                raise ValueError(
+                    f"mpp={mpp} needs the microns per pixel of library {lib!r}'s image, which is unknown. Set it, "
+                    f"e.g. `adata.uns['spatial'][{lib!r}]['scalefactors']['microns_per_pixel'] = 0.2738` (create "
+                    "the dicts if missing), or pass mpp=None to crop at the image's own resolution."
+                )
+            R = S if mpp is None else max(1, round(S * mpp / source_mpp))
+            H, W = src.shape
+            if R > min(H, W):
+                raise ValueError(
+                    f"patch_size={S}"
+                    + (f" at mpp={mpp} ({R} source pixels)" if R != S else "")
+                    + f" is larger than library {lib!r}'s image (width {W} x height {H} px): choose a smaller "
+                    "patch_size" + (" or mpp" if mpp is not None else "") + "."
+                )
+            cx = np.floor(coords[idx, 0] + 0.5)
+            cy = np.floor(coords[idx, 1] + 0.5)
+            if ((cx < 0) | (cx >= W) | (cy < 0) | (cy >= H)).any():
+                raise ValueError(_outside_message(adata, lib, idx, coords, (H, W), spatial_key))
+            plans.append((lib, src, idx, source_mpp, R))
+
+        from tqdm.auto import tqdm
+
+        patches = np.empty((n, S, S, 3), dtype=np.uint8)
+        border = np.zeros(n, dtype=bool)
+        with tqdm(total=n, desc="patches", unit="spot", disable=not progress) as bar:
+            for lib, src, idx, _source_mpp, R in plans:
+                if len(libs) > 1:
+                    bar.set_postfix_str(f"library {lib}")
+                _extract_library(src, coords[idx], idx, S, R, patches, border, bar)
+
+    source_mpp = {lib: (None if m is None else float(m)) for lib, _, _, m, _ in plans}
+    params = {
+        "patch_size": S,
+        "mpp": mpp,
+        "library_key": library_key,
+        "library_id": list(libs),
+        "spatial_key": spatial_key,
+        "pad_value": pad_value,
+        "source_mpp": source_mpp,
+        "source_patch_size": {lib: int(R) for lib, _, _, _, R in plans},
+        "image_source": {lib: src.description for lib, src, _, _, _ in plans},
+        "resample": "none" if mpp is None else "PIL area (shrink) / bilinear (enlarge)",
+        "centre": "patch[S // 2, S // 2] is pixel (floor(x + 0.5), floor(y + 0.5))",
+    }
+    target = adata.copy() if copy else adata
+    target.obsm[key_added] = patches
+    target.obs[key_added + C.BORDER_SUFFIX] = border
+    target.uns[key_added] = {"params": params}
+    info(
+        "    finished",
+        time=start,
+        deep=(
+            f"added\n    {key_added!r}, uint8 patches (n_obs, {S}, {S}, 3) (adata.obsm)\n"
+            f"    {key_added + C.BORDER_SUFFIX!r}, patch padded at the image edge: {int(border.sum())} spots (adata.obs)\n"
+            f"    {key_added!r}, ['params'] (adata.uns)"
+        ),
+    )
+    return target if copy else None
+
+
+def _extract_library(
+    src: ImageSource,
+    xy: np.ndarray,
+    idx: np.ndarray,
+    S: int,
+    R: int,
+    patches: np.ndarray,
+    border: np.ndarray,
+    bar: Any,
+) -> None:
+    """Fill ``patches[idx]`` and ``border[idx]`` from one source (``R`` source pixels resized to ``S``)."""
+    H, W = src.shape
+    # top-left source pixel: the edge at c + 0.5 - (S // 2 + 0.5) * R / S, rounded half up
+    # (for R == S exactly floor(c + 0.5) - S // 2)
+    f = R / S
+    if R == S:
+        x0 = np.floor(xy[:, 0] + 0.5).astype(np.int64) - S // 2
+        y0 = np.floor(xy[:, 1] + 0.5).astype(np.int64) - S // 2
+    else:
+        x0 = np.floor(xy[:, 0] + 1.0 - (S // 2 + 0.5) * f).astype(np.int64)
+        y0 = np.floor(xy[:, 1] + 1.0 - (S // 2 + 0.5) * f).astype(np.int64)
+    at_border = (x0 < 0) | (y0 < 0) | (x0 + R > W) | (y0 + R > H)
+    border[idx] = at_border
+    if src.block_shape is not None:
+        bh, bw = src.block_shape
+        order = np.lexsort((np.maximum(x0, 0) // bw, np.maximum(y0, 0) // bh))  # row-major block order
+    else:
+        order = np.arange(len(idx))
+    if R != S:
+        from PIL import Image
+
+        method = Image.Resampling.BOX if R > S else Image.Resampling.BILINEAR
+    top = -1
+    for k in order:
+        if y0[k] > top:  # visits go down the image: cached rows above this patch are not needed any more
+            top = int(y0[k])
+            src.release_above(top)
+        region = src.read_region(x0[k], y0[k], R, R)
+        if R != S:
+            region = np.asarray(Image.fromarray(region).resize((S, S), resample=method))
+        patches[idx[k]] = region
+        bar.update(1)

@@ -2,4 +2,33 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from typing import TYPE_CHECKING
+
+from ._cv import cross_validate
+from ._fit import fit_contrastive
+from ._predict import predict_expression
+from ._ridge import RidgeModel, fit_ridge
+from ._score import score_prediction
+
+if TYPE_CHECKING:
+    from .._engine.model import ContrastiveModel
+
+
+def __getattr__(name: str):
+    # the model class lives in the torch engine: import it only when asked for
+    if name == "ContrastiveModel":
+        from .._engine.model import ContrastiveModel
+
+        return ContrastiveModel
+    raise AttributeError(f"module 'sthist.tl' has no attribute {name!r}")
+
+
+__all__ = [
+    "ContrastiveModel",
+    "RidgeModel",
+    "cross_validate",
+    "fit_contrastive",
+    "fit_ridge",
+    "predict_expression",
+    "score_prediction",
+]

@@ -31,6 +31,159 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fit",
+        help="fit a contrastive model (or the ridge baseline) on an .h5ad file",
+        description=(
+            "Fit a model on reference spots: extracts patches if the file has none, normalises the counts in X "
+            "unless --layer names a prepared layer, and saves the model folder."
+        ),
+    )
+    p.add_argument("input", type=Path, help="reference .h5ad (Visium convention, counts in X)")
+    p.add_argument("--out", type=Path, required=True, help="folder to save the model to")
+    p.add_argument("--method", default="bleep", help="bleep or ridge (default: bleep)")
+    p.add_argument("--layer", default=None, help="layer with the training targets (default: normalise X)")
+    p.add_argument("--normalize", default="log1p", choices=["log1p", "hist2st"], help="normalisation of X (default: log1p)")
+    p.add_argument("--genes", default=None, help="text file with one gene per line, or a boolean var column")
+    p.add_argument("--encoder", default="hed-texture", help="image encoder (default: hed-texture, weight-free)")
+    p.add_argument("--checkpoint", default=None, help="local weight file for the encoder")
+    p.add_argument("--patch-size", type=int, default=224, help="patch size in pixels, if patches must be extracted")
+    p.add_argument("--mpp", type=float, default=None, help="resample patches to this many microns per pixel")
+    p.add_argument("--library-key", default=None, help="obs column with the section of each spot")
+    p.add_argument("--max-epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_fit)
+
+
+def _prepare(adata, args, *, patch_size: int, mpp: float | None) -> None:
+    import sthist as st
+
+    if "patches" not in adata.obsm:
+        st.pp.extract_patches(
+            adata, patch_size=patch_size, mpp=mpp, library_key=args.library_key, progress=not args.no_progress
+        )
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    import sthist as st
+
+    adata = ad.read_h5ad(args.input)
+    _prepare(adata, args, patch_size=args.patch_size, mpp=args.mpp)
+    layer = args.layer
+    if layer is None:
+        st.pp.normalize_expression(adata, flavor=args.normalize, genes=args.genes if args.normalize == "hist2st" else None)
+        layer = "targets"
+    if args.method == "ridge":
+        st.pp.embed_patches(
+            adata, encoder=args.encoder, checkpoint=args.checkpoint, key_added="X_features", progress=not args.no_progress
+        )
+        model = st.tl.fit_ridge(adata, features_key="X_features", layer=layer, genes=args.genes, random_state=args.seed)
+    else:
+        model = st.tl.fit_contrastive(
+            adata,
+            method=args.method,
+            layer=layer,
+            genes=args.genes,
+            encoder=args.encoder,
+            checkpoint=args.checkpoint,
+            library_key=args.library_key,
+            max_epochs=args.max_epochs,
+            batch_size=args.batch_size,
+            device=args.device,
+            random_state=args.seed,
+            progress=not args.no_progress,
+        )
+    model.save(args.out)
+    print(f"saved {model!r} to {args.out}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict expression for the spots of an .h5ad file",
+        description="Predict expression into layers[KEY] with a saved model; the file needs no counts.",
+    )
+    p.add_argument("input", type=Path, help="query .h5ad (Visium convention; counts not needed)")
+    p.add_argument("--model", type=Path, required=True, help="model folder written by `sthist fit`")
+    p.add_argument("--out", type=Path, required=True, help="output .h5ad")
+    p.add_argument("--k", type=int, default=50, help="reference spots retrieved per query (default: 50)")
+    p.add_argument("--weighting", default="average", choices=["average", "distance", "softmax"])
+    p.add_argument("--key-added", default="predicted", help="name of the output layer (default: predicted)")
+    p.add_argument("--library-key", default=None, help="obs column with the section of each spot")
+    p.add_argument("--keep-patches", action="store_true", help="keep obsm['patches'] in the output file")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    import sthist as st
+    from sthist.tl._utils import load_model
+
+    adata = ad.read_h5ad(args.input)
+    model = load_model(args.model)
+    patch = getattr(model, "config", {}).get("patches", {}) if hasattr(model, "config") else {}
+    _prepare(adata, args, patch_size=int(patch.get("patch_size", 224)), mpp=patch.get("mpp") or None)
+    out = st.tl.predict_expression(
+        adata,
+        model,
+        k=args.k,
+        weighting=args.weighting,
+        key_added=args.key_added,
+        library_key=args.library_key,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    out = adata if out is None else out
+    if not args.keep_patches:
+        out.obsm.pop("patches", None)
+    out.write_h5ad(args.out)
+    print(f"wrote layers[{args.key_added!r}] ({out.n_obs} spots x {out.n_vars} genes) to {args.out}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score predicted against measured expression",
+        description="Per-gene Pearson r, HEG/HVG means, MSE/MAE and gene-gene correlation preservation.",
+    )
+    p.add_argument("input", type=Path, help=".h5ad with a prediction layer and the measured expression")
+    p.add_argument("--layer", default="predicted", help="prediction layer (default: predicted)")
+    p.add_argument("--true-layer", default=None, help="layer of measured expression (default: normalise X as --normalize)")
+    p.add_argument("--normalize", default="log1p", choices=["log1p", "hist2st"], help="normalisation of X when --true-layer is not given")
+    p.add_argument("--groupby", default=None, help="obs column to score per group, e.g. section")
+    p.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    import sthist as st
+
+    adata = ad.read_h5ad(args.input)
+    true_layer = args.true_layer
+    if true_layer is None:
+        st.pp.normalize_expression(adata, flavor=args.normalize, key_added="_truth")
+        true_layer = "_truth"
+    table = st.tl.score_prediction(adata, layer=args.layer, true_layer=true_layer, groupby=args.groupby, inplace=False)
+    print(table.to_string())
+    if args.out is not None:
+        args.out.write_text(json.dumps({"scores": json.loads(table.to_json(orient="index"))}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sthist`` command."""
     from . import __version__
@@ -43,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_demo(sub)
+    _add_fit(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
     return parser
 
 

@@ -9,22 +9,24 @@ from pathlib import Path
 from typing import Any
 
 
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _plot_overview(adata, out: Path) -> list[str]:
     """H&E with spots and a gallery of extracted patches."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    import scanpy as sc
+    import squidpy as sq
 
-    written = []
-    lib = next(iter(adata.uns["spatial"]))
-    fig = sc.pl.spatial(adata, color="region", library_id=lib, show=False, return_fig=True, title="toy: H&E and spots")
-    fig = fig if fig is not None else plt.gcf()
-    fig.savefig(out / "spots.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    written.append("spots.png")
+    lib = sorted(adata.uns["spatial"])[0]
+    sub = adata[adata.obs["section"] == lib].copy()
+    sub.uns["spatial"] = {lib: sub.uns["spatial"][lib]}
+    sq.pl.spatial_scatter(sub, color="region", library_id=lib, img_res_key="hires", title=f"{lib}: H&E and tissue regions")
+    _save(plt.gcf(), out / "spots.png")
 
     patches = adata.obsm["patches"]
     regions = adata.obs["region"].astype(str).to_numpy()
@@ -32,17 +34,18 @@ def _plot_overview(adata, out: Path) -> list[str]:
     fig, axes = plt.subplots(2, 8, figsize=(12, 3.4))
     for ax, i in zip(axes.ravel(), idx, strict=True):
         ax.imshow(patches[i])
-        ax.set_title(f"{adata.obs_names[i]}\n{regions[i]}", fontsize=7)
+        ax.set_title(regions[i], fontsize=8)
         ax.axis("off")
-    fig.suptitle(f"patches: {patches.shape[1]} px at {adata.uns['patches']['params']['mpp'] or 'native'} µm/px")
-    fig.savefig(out / "patches.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    written.append("patches.png")
-    return written
+    params = adata.uns["patches"]["params"]
+    fig.suptitle(f"patches: {params['patch_size']} px at {params['mpp']} µm/px")
+    _save(fig, out / "patches.png")
+    return ["spots.png", "patches.png"]
 
 
 def run_demo(out: str | Path = "sthist-demo", *, seed: int = 0, quick: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run sthist on :func:`sthist.datasets.toy` and write ``metrics.json`` and PNG figures into ``out``.
+
+    Two synthetic sections: BLEEP and the ridge baseline are trained on one and predict the other, held out.
 
     Parameters
     ----------
@@ -59,6 +62,11 @@ def run_demo(out: str | Path = "sthist-demo", *, seed: int = 0, quick: bool = Fa
     -------
     The metrics written to ``out / "metrics.json"``.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     import sthist as st
 
     out = Path(out)
@@ -71,25 +79,63 @@ def run_demo(out: str | Path = "sthist-demo", *, seed: int = 0, quick: bool = Fa
         timings[name] = round(time.perf_counter() - t0, 3)
         return res
 
-    size = {"n_rows": 12, "n_cols": 12} if quick else {}
-    adata = timed("toy", st.datasets.toy, seed=seed, **size)
-    timed("extract_patches", st.pp.extract_patches, adata, patch_size=64, mpp=1.0, progress=progress)
-    timed("select_genes", st.pp.select_genes, adata, flavor="heg", n_top=50)
+    size = {"n_rows": 12, "n_cols": 12, "n_genes": 40} if quick else {"n_rows": 20, "n_cols": 20}
+    adata = timed("toy", st.datasets.toy, n_sections=2, seed=seed, **size)
+    timed("extract_patches", st.pp.extract_patches, adata, patch_size=64, library_key="section", progress=progress)
     timed("normalize_expression", st.pp.normalize_expression, adata, flavor="log1p")
+    timed("embed_patches", st.pp.embed_patches, adata, progress=progress)
+
+    train = adata[adata.obs["section"] == "toy_0"].copy()
+    test = adata[adata.obs["section"] == "toy_1"].copy()
+    epochs = 20 if quick else 100
+    model = timed(
+        "fit_contrastive",
+        st.tl.fit_contrastive,
+        train,
+        layer="targets",
+        max_epochs=epochs,
+        random_state=seed,
+        progress=progress,
+    )
+    ridge = timed("fit_ridge", st.tl.fit_ridge, train, features_key="X_hed_texture", layer="targets")
+    timed("predict_expression", st.tl.predict_expression, test, model, progress=progress)
+    st.tl.predict_expression(test, ridge, key_added="ridge", progress=False)
+    scores = {}
+    for name, layer in {"bleep": "predicted", "ridge": "ridge"}.items():
+        st.tl.score_prediction(test, layer=layer, true_layer="targets")
+        table = st.tl.score_prediction(test, layer=layer, true_layer="targets", inplace=False)
+        row = table.loc["all"]
+        scores[name] = {k: round(float(row[k]), 4) for k in ["pcc_all", "pcc_heg", "pcc_hvg", "gene_corr", "mse", "mae"]}
+    informative = test.var_names[test.var["informative"]].tolist()
+    inf_table = st.tl.score_prediction(test, true_layer="targets", genes=informative, inplace=False)
+    scores["bleep"]["pcc_informative_genes"] = round(float(inf_table.loc["all", "pcc_all"]), 4)
 
     figures = _plot_overview(adata, out)
+    ranked = test.var.sort_values("predicted_scores_pearson", ascending=False).index
+    genes = [g for g in ranked if g in informative][:2]
+    _save(st.pl.predicted_vs_true(test, genes, true_layer="targets", library_key="section", show=False, return_fig=True), out / "predicted_vs_true.png")
+    _save(st.pl.gene_correlation(test, show=False, return_fig=True), out / "gene_correlation.png")
+    ax = st.pl.scores(test, show=False)
+    _save(ax.figure, out / "scores.png")
+    ax = st.pl.training_history(model, show=False)
+    _save(ax.figure, out / "training_history.png")
+    plt.close("all")
+    figures += ["predicted_vs_true.png", "gene_correlation.png", "scores.png", "training_history.png"]
+
     summary = {
+        "train": "toy_0",
+        "test": "toy_1",
         "n_spots": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
         "patch_shape": list(adata.obsm["patches"].shape[1:]),
-        "patches_at_border": int(adata.obs["patches_at_border"].sum()),
-        "n_selected_genes": int(adata.var["sthist_genes"].sum()),
+        "best_epoch": int(model.history["best_epoch"]),
+        "scores_on_held_out_section": scores,
     }
     metrics = {
         "summary": summary,
         "seconds": timings,
         "figures": figures,
-        "config": {"seed": seed, "quick": quick},
+        "config": {"seed": seed, "quick": quick, "encoder": "hed-texture", "method": "bleep", "max_epochs": epochs},
         "versions": {"sthist": st.__version__, "python": platform.python_version()},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

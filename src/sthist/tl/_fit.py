@@ -242,6 +242,8 @@ def fit_contrastive(
         method_kwargs=method_kwargs,
         **kwargs,
     )
+    patch_params = adata.uns.get(patches_key, {}).get("params", {}) if isinstance(adata.uns.get(patches_key), dict) else {}
+    model.config["patches"] = {k: v for k, v in dict(patch_params).items() if k in {"patch_size", "mpp", "pad_value"}}
     img_kw = {"images": patches} if finetune else {"features": feats}
     img_emb = model.embed_images(**img_kw, coords=coords, groups=groups, device=device)
     expr_emb = model.embed_expression(expr, coords=coords, groups=groups, device=device)

@@ -2,7 +2,8 @@
 
 Side by side, in one run, interleaved over ``--repeats`` rounds (medians reported):
 
-- ``decode``: ``PIL.Image.open(jpg)`` + ``np.asarray`` (the floor for any reader of a JPEG slide);
+- ``decode``: ``PIL.Image.open(jpg)`` + ``np.asarray`` (what any reader that wants the slide as an array pays);
+- ``pil_load``: ``PIL.Image.open(jpg).load()``, the JPEG decode alone, without the copy into numpy;
 - ``sthist``: ``sthist.pp.extract_patches(adata, patch_size=224)`` (image path in ``uns``, opened by sthist);
 - ``squidpy_eager``: ``squidpy.im.ImageContainer(jpg).compute()`` + ``generate_spot_crops`` (crops of
   ``spot_diameter_fullres = 224``, which squidpy makes 2 * 112 + 1 = 225 px wide);
@@ -65,6 +66,16 @@ def time_decode(jpg: Path) -> float:
     return dt
 
 
+def time_pil_load(jpg: Path) -> float:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    t = time.perf_counter()
+    with Image.open(jpg) as im:
+        im.load()
+    return time.perf_counter() - t
+
+
 def time_sthist(adata, patch_size: int) -> float:
     import sthist
 
@@ -116,12 +127,13 @@ def main() -> None:
     time_decode(jpg)
     time_sthist(adata, args.patch_size)
 
-    times: dict[str, list[float]] = {"decode": [], "sthist": []}
+    times: dict[str, list[float]] = {"decode": [], "pil_load": [], "sthist": []}
     if not args.no_squidpy:
         times["squidpy_eager"] = []
     squidpy_crop = None
     for r in range(args.repeats):
         times["decode"].append(time_decode(jpg))
+        times["pil_load"].append(time_pil_load(jpg))
         times["sthist"].append(time_sthist(adata, args.patch_size))
         if not args.no_squidpy:
             dt, squidpy_crop = time_squidpy(adata, jpg, args.section, lazy=False)
@@ -133,7 +145,10 @@ def main() -> None:
         print(f"squidpy lazy: {dt:.1f} s", flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {"sthist_over_decode": med["sthist"] / med["decode"]}
+    ratios = {
+        "sthist_over_decode": med["sthist"] / med["decode"],
+        "sthist_over_pil_load": med["sthist"] / med["pil_load"],
+    }
     for k in ("squidpy_eager", "squidpy_lazy"):
         if k in med:
             ratios[f"{k}_over_sthist"] = med[k] / med["sthist"]

@@ -195,3 +195,24 @@ def test_cross_validate_needs_two_groups(prepared):
         st.tl.cross_validate(adata, groupby="section", layer="targets")
     with pytest.raises(KeyError, match="not a column"):
         st.tl.cross_validate(adata, groupby="patient", layer="targets")
+
+
+def test_features_from_another_encoder_rejected(fitted):
+    adata, model = fitted
+    a = adata.copy()
+    st.pp.embed_patches(a, encoder="resnet18", pretrained=False, key_added="X_other", progress=False)
+    before = set(a.layers)
+    with pytest.raises(ValueError, match="was made with encoder 'resnet18'"):
+        st.tl.predict_expression(a, model, features_key="X_other")
+    assert set(a.layers) == before
+
+
+def test_tampered_model_folder(fitted, tmp_path):
+    adata, model = fitted
+    model.save(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="m"):
+        st.tl.predict_expression(adata.copy(), tmp_path / "m")

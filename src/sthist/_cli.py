@@ -131,7 +131,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     adata = ad.read_h5ad(args.input)
     model = load_model(args.model)
-    patch = getattr(model, "config", {}).get("patches", {}) if hasattr(model, "config") else {}
+    patch = model.config.get("patches", {}) if hasattr(model, "config") else dict(model.encoder_params)
     _prepare(adata, args, patch_size=int(patch.get("patch_size", 224)), mpp=patch.get("mpp") or None)
     out = st.tl.predict_expression(
         adata,

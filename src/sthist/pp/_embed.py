@@ -17,6 +17,13 @@ if TYPE_CHECKING:
 DEFAULT_ENCODER = "hed-texture"  # kept equal to sthist._engine.encoders.DEFAULT_ENCODER (not imported: no torch here)
 
 
+def _patch_geometry(adata: AnnData, patches_key: str) -> dict:
+    """Patch size and resolution the patches were extracted at (recorded so predictions reuse them)."""
+    entry = adata.uns.get(patches_key)
+    params = entry.get("params", {}) if isinstance(entry, dict) else {}
+    return {k: params[k] for k in ("patch_size", "mpp") if k in params and params[k] is not None}
+
+
 @inject_docs
 def embed_patches(
     adata: AnnData,
@@ -113,6 +120,7 @@ def embed_patches(
             "checkpoint": "" if enc.checkpoint is None else str(enc.checkpoint),
             "out_dim": int(enc.out_dim),
             "patches_key": patches_key,
+            **_patch_geometry(adata, patches_key),
         }
     }
     info(

@@ -11,6 +11,7 @@ from .. import _constants as C
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_positive_int
+from ..pp._embed import _patch_geometry
 from ._utils import expression_matrix, image_inputs, register_model
 
 if TYPE_CHECKING:
@@ -218,6 +219,7 @@ def fit_contrastive(
                 "checkpoint": "" if enc.checkpoint is None else str(enc.checkpoint),
                 "out_dim": int(enc.out_dim),
                 "patches_key": patches_key,
+                **_patch_geometry(adata, patches_key),
             }
     start = info(f"fitting {method!r} on {n} spots x {len(gene_names)} genes")
     model = engine.fit(

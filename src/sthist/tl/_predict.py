@@ -39,6 +39,16 @@ def _model_inputs(adata: AnnData, model: Any, *, patches_key: str, features_key:
     if model.finetuned:
         return {"images": image_inputs(adata, patches_key=patches_key, features_key=None, need_patches=True)[0]}
     enc = model.config["encoder"]
+    if features_key is not None:
+        made_by = (adata.uns.get(features_key) or {}).get("params", {}).get("encoder") if isinstance(
+            adata.uns.get(features_key), dict
+        ) else None
+        if made_by is not None and made_by != enc["spec"]:
+            raise ValueError(
+                f"adata.obsm[{features_key!r}] was made with encoder {made_by!r}, but the model was trained on "
+                f"{enc['spec']!r} features; run `sthist.pp.embed_patches(adata, encoder={enc['spec']!r})` or pass "
+                "features_key=None to encode the patches with the model's encoder."
+            )
     key = features_key or cached_features(
         adata, encoder=enc["spec"], pretrained=bool(enc.get("pretrained")), checkpoint=enc.get("checkpoint")
     )

@@ -1,0 +1,288 @@
+"""mclSTExp: multimodal contrastive learning with a Transformer over spots (Min et al., Brief. Bioinform. 2024).
+
+Idea
+    Spots are "words" and a set of spots of one section is a "sentence". The expression side adds learnable
+    x and y position embeddings to each spot's expression profile and runs a Transformer encoder over the set,
+    so that every spot's embedding carries the context of the other spots; a projection head maps it into the
+    joint space. The image side is the image encoder's features through a projection head (no positions, no
+    context). A standard CLIP loss aligns the two.
+
+Loss
+    With ``logits = spot_emb @ img_emb.T / T`` over a batch (one section) and the diagonal as the only positive
+    pairs (hard labels): ``(CE(logits, diag) + CE(logits.T, diag)) / 2``, mean over spots.
+
+Prediction (retrieval)
+    The query spot's image embedding is compared (cosine) with the expression embeddings of the reference bank;
+    the expression of the top ``k`` reference spots is averaged with weights proportional to ``1 / d**2``, d the
+    L1 distance between the raw query and key embeddings. Recommended: ``k=200`` (authors' ``evel_*.py``) clipped
+    to a fraction of small banks (:func:`recommended_k`), ``weighting="distance"``, e.g.
+    ``sthist.tl.predict_expression(adata, model, k=recommended_k(model.bank_embeddings.shape[0]),
+    weighting="distance")``. Query spots need no coordinates: the image side does not use them.
+
+Positions
+    The authors index ``nn.Embedding(65536, n_genes)`` tables with the ST array coordinates (her2st, cSCC: integer
+    spot grid indices) or with full-resolution pixel coordinates (10x Visium). Here positions are derived from the
+    full-resolution pixel coordinates of the spots in a way that does not depend on the image resolution or on
+    where the tissue lies in the image (:func:`grid_positions`): the spot pitch ``p`` is measured in the set (the
+    typical distance between adjacent spots), coordinates are quantised in units of ``p / 2`` (half a pitch keeps
+    the half-pitch offset of Visium's hexagonal rows), and the integer indices are wrapped modulo
+    ``n_positions`` (256 by default: more than the 135 half-pitches that a 6.5 mm Visium or ST capture area spans,
+    so no two spots of a section share an index on either axis). Sets of a single spot get index 0.
+
+Defaults and their sources (authors' code, github.com/ZhicengShi/mclSTExp)
+    * ``model.py`` (``mclSTExp_Attention``): ``x_embed``/``y_embed`` = ``nn.Embedding(65536, n_genes)`` added to the
+      expression; ``spot_encoder`` = ``head_layers`` pre-norm blocks (LayerNorm -> 8-head self-attention with
+      64-d heads, no qkv bias, output Linear -> residual; LayerNorm -> Linear(g, mlp_dim) -> GELU ->
+      Linear(mlp_dim, g) -> residual) over the whole batch as one sequence; BLEEP-style projection heads (dropout
+      0) into 256 dims for both sides; hard-label symmetric CLIP loss.
+    * ``train.py``: temperature 1.0, projection_dim 256, heads 8, head dim 64, 2 layers, ``mlp_dim`` = number of
+      genes, dropout 0; Adam(lr=1e-4, weight_decay=1e-3), batch size 128, 90 epochs; DenseNet-121 (1024-d, fine-
+      tuned) on 224 x 224 patches with colour jitter, flips and rotations.
+    * ``evel_her2st.py``: the bank's expression embeddings are computed in batches (sets) of 32 spots; cosine top
+      200; weights ``1 / (L1 distance)**2``.
+
+Departures: the position tables have ``n_positions`` (256) rows instead of 65536 (the authors' tables hold 2 x 65536
+x g weights, about 400 MB for 785 genes, almost all never used); training settings (optimiser, lr, batch size,
+epochs) are set by the shared training loop, see ``docs/methods/mclstexp.md``. The authors' ``DataLoader``
+shuffles spots of all training sections together, whereas sthist batches one section at a time
+(``batch_by_group``), as the paper's "a sentence of spots of a slice" describes.
+
+Citation: Min W, Shi Z, Zhang J, Wan J, Wang C. Multimodal contrastive learning for spatial gene expression
+prediction using histology images. Briefings in Bioinformatics 25(6), bbae551 (2024). arXiv:2407.08216.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import register
+from ._base import Batch, Method, ProjectionHead
+
+RECOMMENDED_K = 200
+"""Reference spots retrieved per query in the authors' evaluation (``evel_*.py``: ``top_k=200``)."""
+
+RECOMMENDED_WEIGHTING = "distance"
+"""Aggregation of the retrieved profiles in the authors' evaluation: weights proportional to 1 / d^2."""
+
+
+def recommended_k(n_reference: int) -> int:
+    """Return the number of reference spots to retrieve: 200 (the paper), at most a third of a small bank.
+
+    The authors retrieve 200 of the ~10,000 spots of 31 her2st sections (2 %). On small banks 200 would average
+    a large part of the bank; a third of the bank (at least 1) keeps the 1/d^2-weighted average local.
+    """
+    n_reference = int(n_reference)
+    if n_reference < 1:
+        raise ValueError(f"the reference bank is empty (n_reference={n_reference}); fit a model first.")
+    return max(1, min(RECOMMENDED_K, n_reference // 3))
+
+
+def clip_loss(img_emb: torch.Tensor, spot_emb: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Standard (hard-label, symmetric) CLIP loss of mclSTExp.
+
+    Parameters
+    ----------
+    img_emb, spot_emb
+        (B, p) embeddings of the same B spots; row i of both is the positive pair.
+    temperature
+        Softmax temperature T (1.0 in the authors' ``train.py``).
+
+    Returns
+    -------
+    Scalar ``(CE(logits, diag) + CE(logits.T, diag)) / 2`` with ``logits = spot @ img.T / T``.
+    """
+    logits = spot_emb @ img_emb.T / temperature
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def grid_positions(coords: torch.Tensor, n_positions: int = 256) -> torch.Tensor:
+    """Integer grid positions (B, 2) of a set of spots from their pixel coordinates, for the position embeddings.
+
+    1. The spot pitch p is measured in the set: the smallest distance between two distinct spots (ignoring
+       near-duplicates closer than 1 % of the median nearest-neighbour distance), refined as the median of all
+       pairwise distances within 25 % of it (the adjacent pairs; the next lattice distances are 1.41 p on square
+       and 1.73 p on hexagonal grids). A set without adjacent spots overestimates p.
+    2. Indices are ``round(coordinate / (p / 2))`` on each axis: half a pitch, so the shifted rows of a
+       hexagonal Visium grid keep distinct x indices. Absolute coordinates (not relative to the set) give a spot
+       the same index in every set it belongs to.
+    3. Indices are wrapped modulo ``n_positions``, so any image size fits the table; spots less than
+       ``n_positions / 2`` pitches apart never share an index.
+
+    Sets of fewer than two distinct spots have no pitch and get index 0.
+
+    Parameters
+    ----------
+    coords
+        (B, 2) x, y coordinates (full-resolution pixels; any unit works).
+    n_positions
+        Rows of the position embedding tables.
+
+    Returns
+    -------
+    int64 tensor (B, 2) of x and y indices in ``[0, n_positions)``.
+    """
+    c = coords.detach().float()
+    out = torch.zeros(c.shape, dtype=torch.int64, device=c.device)
+    if c.shape[0] < 2:
+        return out
+    d = torch.cdist(c, c)
+    d.fill_diagonal_(float("inf"))
+    positive = d[d > 0]
+    if positive.numel() == 0:  # all spots at one point
+        return out
+    nn_dist = torch.where(d > 0, d, torch.full_like(d, float("inf"))).min(dim=1).values
+    tol = 0.01 * nn_dist[torch.isfinite(nn_dist)].median()
+    positive = positive[torch.isfinite(positive) & (positive > tol)]
+    if positive.numel() == 0:
+        return out
+    d_min = positive.min()
+    pitch = positive[positive <= 1.25 * d_min].median()
+    idx = torch.round(c / (pitch / 2)).to(torch.int64)
+    return torch.remainder(idx, int(n_positions))
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention over a set: qkv without bias, output projection and dropout."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
+        return self.out(h.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class _Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + FFN(LN(x)) with FFN = Linear -> GELU -> Linear."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads, head_dim, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(
+            nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+@register("mclstexp")
+class MclSTExp(Method):
+    """mclSTExp: position embeddings + a Transformer over the spots of a section on the expression side, CLIP loss.
+
+    Prediction is by retrieval (cosine similarity, top ``k``); the paper weights the retrieved profiles by
+    1 / d^2 (``weighting="distance"``) over the top 200 (:func:`recommended_k` for small banks). Expression
+    embeddings need the spots' coordinates (``coords=``); image embeddings, hence predictions, do not.
+    """
+
+    prediction = "retrieval"
+    needs_neighbors = False
+    # coordinates are needed by the expression side only; predictions from images must work without them, so the
+    # shared machinery is not asked to require them (embed_expression raises with the fix when they are missing)
+    needs_coords = False
+    batch_by_group = True
+    similarity = "cosine"
+
+    @dataclass
+    class Config:
+        """mclSTExp hyper-parameters (defaults = the authors' ``train.py`` / ``model.py``).
+
+        Attributes
+        ----------
+        projection_dim
+            Joint embedding width (256).
+        temperature
+            Temperature of the CLIP loss (1.0).
+        n_layers
+            Transformer blocks of the spot encoder (``heads_layers`` = 2).
+        n_heads
+            Attention heads (``heads_num`` = 8).
+        head_dim
+            Width of each head (``heads_dim`` = 64).
+        mlp_dim
+            Hidden width of the feed-forward layers; ``None`` = the number of genes (as the authors' code).
+        dropout
+            Dropout in the attention, feed-forward layers and projection heads (0).
+        n_positions
+            Rows of the x and y position embedding tables (256; the authors: 65536), see :func:`grid_positions`.
+
+        Training settings of the published code, for reference (set them in ``fit``): Adam with lr 1e-4 and
+        weight decay 1e-3, batch size 128, 90 epochs, DenseNet-121 fine-tuned on 224 x 224 patches.
+        """
+
+        projection_dim: int = 256
+        temperature: float = 1.0
+        n_layers: int = 2
+        n_heads: int = 8
+        head_dim: int = 64
+        mlp_dim: int | None = None
+        dropout: float = 0.0
+        n_positions: int = 256
+
+        def __post_init__(self):
+            for name in ("projection_dim", "n_layers", "n_heads", "head_dim", "n_positions"):
+                _positive_int(name, getattr(self, name))
+            if self.mlp_dim is not None:
+                _positive_int("mlp_dim", self.mlp_dim)
+            if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
+                raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+            if (
+                isinstance(self.temperature, bool)
+                or not isinstance(self.temperature, int | float)
+                or not float(self.temperature) > 0.0
+            ):
+                raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
+
+    def __init__(self, image_dim: int, n_genes: int, config: Config | None = None):
+        super().__init__(image_dim, n_genes, config)
+        cfg = self.config
+        g = self.n_genes
+        mlp_dim = g if cfg.mlp_dim is None else cfg.mlp_dim
+        self.x_embed = nn.Embedding(cfg.n_positions, g)
+        self.y_embed = nn.Embedding(cfg.n_positions, g)
+        self.spot_encoder = nn.Sequential(
+            *[_Block(g, cfg.n_heads, cfg.head_dim, mlp_dim, cfg.dropout) for _ in range(cfg.n_layers)]
+        )
+        self.image_projection = ProjectionHead(image_dim, cfg.projection_dim, cfg.dropout)
+        self.spot_projection = ProjectionHead(g, cfg.projection_dim, cfg.dropout)
+
+    def embed_image(self, img_feats: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        return self.image_projection(img_feats)
+
+    def embed_expression(self, expr: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        if batch is None or batch.coords is None:
+            raise ValueError(
+                f"method {self.name!r} adds position embeddings to the expression and needs the spots' coordinates: "
+                "pass coords= (x, y per spot in full-resolution pixels; `sthist.tl.fit_contrastive` reads "
+                "adata.obsm['spatial'], see `spatial_key`)."
+            )
+        pos = grid_positions(batch.coords, self.config.n_positions)
+        h = expr + self.x_embed(pos[:, 0]) + self.y_embed(pos[:, 1])
+        h = self.spot_encoder(h.unsqueeze(0)).squeeze(0)  # the set of spots is one sequence
+        return self.spot_projection(h)
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        img = self.embed_image(batch.img_feats, batch).float()
+        spot = self.embed_expression(batch.expression, batch).float()
+        loss = clip_loss(img, spot, self.config.temperature)
+        return loss, {"clip": loss.detach()}

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     st.pp.normalize_expression(adata, flavor="hist2st")
     st.pp.extract_patches(adata, patch_size=args.patch_size, mpp=args.mpp, library_key="section", progress=False)
     st.pp.embed_patches(adata, encoder=args.encoder, progress=False)
-    features_key = [k for k in adata.obsm if k.startswith("X_")][0]
+    features_key = next(k for k in adata.obsm if k.startswith("X_"))
     prep_seconds = round(time.perf_counter() - t0, 2)
 
     is_train = adata.obs["section"].isin(train).to_numpy()

@@ -6,7 +6,7 @@ HEAVY = ["torch", "timm", "scanpy", "squidpy", "spatialdata", "sklearn", "matplo
 
 def test_import_is_light():
     """`import sthist` must not pull in torch/timm or other heavy libraries (they load inside functions)."""
-    code = "import sys, sthist; print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in %r)))" % (HEAVY,)
+    code = f"import sys, sthist; print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import sthist imported heavy modules: {out}"
 

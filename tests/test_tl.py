@@ -112,7 +112,7 @@ def test_predict_from_patches_equals_cached_features(fitted):
 
 
 def test_genes_not_in_model_are_nan(fitted):
-    adata, model = fitted
+    adata, _ = fitted
     sub = st.tl.fit_contrastive(adata.copy(), layer="targets", genes=adata.var_names[:10].tolist(), max_epochs=2, progress=False)
     a = adata.copy()
     st.tl.predict_expression(a, sub, progress=False)
@@ -162,7 +162,7 @@ def test_predict_bad_model_folder(prepared, tmp_path):
     with pytest.raises(FileNotFoundError, match="no model folder"):
         st.tl.predict_expression(prepared.copy(), tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="config.json is missing"):
+    with pytest.raises(ValueError, match=r"config\.json is missing"):
         st.tl.predict_expression(prepared.copy(), tmp_path / "empty")
     with pytest.raises(TypeError, match="fitted sthist model"):
         st.tl.predict_expression(prepared.copy(), 42)

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import _constants as C
 from .._validate import resolve_genes
 
 if TYPE_CHECKING:

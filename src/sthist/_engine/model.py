@@ -202,8 +202,6 @@ class ContrastiveModel:
         codes = group_codes(groups, n)
         if self.needs_neighbors and coords is None:
             raise ValueError(f"method {self.method!r} uses spatial neighbours: pass coords= (x, y per spot).")
-        if self.config.get("needs_coords") and coords is None:
-            raise ValueError(f"method {self.method!r} uses spot coordinates: pass coords= (x, y per spot).")
         if images is not None and not self.finetuned:
             enc = self._encoder()
             if enc.out_dim != image_dim:

@@ -333,6 +333,7 @@ def fit(
         "prediction": method_cls.prediction,
         "needs_neighbors": bool(method_cls.needs_neighbors),
         "needs_coords": bool(method_cls.needs_coords),
+        "prediction_defaults": dict(method_cls.prediction_defaults),
         "similarity": method_cls.similarity,
         "mode": "finetune" if finetune else "frozen",
         "image_dim": int(image_dim),

@@ -30,8 +30,8 @@ def cross_validate(
     patches_key: str = C.PATCHES_KEY,
     features_key: str | None = None,
     encoder: str = DEFAULT_ENCODER,
-    k: int = 50,
-    weighting: str = "average",
+    k: int | None = None,
+    weighting: str | None = None,
     spatial_key: str = C.SPATIAL_KEY,
     n_top: int = 50,
     random_state: int = 0,
@@ -59,7 +59,7 @@ def cross_validate(
     patches_key, features_key, encoder
         As in :func:`sthist.tl.fit_contrastive`: where the patches or cached embeddings are, and the encoder.
     k, weighting
-        Retrieval settings of :func:`sthist.tl.predict_expression`.
+        Retrieval settings of :func:`sthist.tl.predict_expression` (``None``: the method's paper values).
     spatial_key
         ``adata.obsm`` key of the coordinates, for neighbour-based methods.
     n_top

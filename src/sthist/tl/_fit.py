@@ -50,14 +50,31 @@ def cached_features(adata: AnnData, *, encoder: str, pretrained: bool, checkpoin
     return key if same else None
 
 
-def spatial_inputs(adata: AnnData, *, spatial_key: str, library_key: str | None):
-    """Coordinates (or None when absent) and section labels (or None)."""
+def spatial_inputs(adata: AnnData, *, spatial_key: str, library_key: str | None, spatial_method: str | None = None):
+    """Coordinates (or None when absent) and section labels (or None).
+
+    ``spatial_method`` names a method that uses coordinates or spatial neighbours: then missing coordinates and
+    several sections without ``library_key`` raise with the fix.
+    """
     coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2] if spatial_key in adata.obsm else None
     groups = None
     if library_key is not None:
         if library_key not in adata.obs:
             raise KeyError(f"library_key={library_key!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
         groups = adata.obs[library_key].astype(str).to_numpy()
+    if spatial_method is not None:
+        if coords is None:
+            raise KeyError(
+                f"method {spatial_method!r} uses the spots' positions and spatial neighbours, but "
+                f"adata.obsm[{spatial_key!r}] is missing: add the spot centres in full-resolution pixels (see `sthist.io`)."
+            )
+        if library_key is None:
+            for col in (C.SECTION_KEY, "library_id"):
+                if col in adata.obs and adata.obs[col].nunique() > 1:
+                    raise ValueError(
+                        f"adata holds several sections (adata.obs[{col!r}]) and method {spatial_method!r} uses spatial "
+                        f"neighbours: pass library_key={col!r} so that spots of different sections are not neighbours."
+                    )
     return coords, groups
 
 
@@ -126,9 +143,10 @@ def fit_contrastive(
         Train the image encoder end to end on the patches (with flips, 90° rotations and colour jitter when
         ``augment``), instead of training only the heads on frozen embeddings. Much slower on a CPU.
     max_epochs, batch_size, lr, weight_decay
-        Training length and optimiser settings; ``None`` takes the method's defaults (BLEEP: 100 epochs with
-        early stopping, batch 256, AdamW lr 1e-3, weight decay 1e-3, the values of the BLEEP code). A batch
-        size larger than the training spots is reduced to fit, with a log message, unless given explicitly.
+        Training length and optimiser settings; ``None`` takes the method's paper values where it has them (its
+        docs page lists them), else the engine's: at most 100 epochs with early stopping, batch 256, AdamW lr 1e-3,
+        weight decay 1e-3 (BLEEP's code). A batch size larger than the training spots is reduced to fit, with a log
+        message, unless given explicitly.
     validation_fraction
         Fraction of spots held out for early stopping and the validation loss.
     early_stopping_patience
@@ -175,10 +193,15 @@ def fit_contrastive(
     check_adata(adata, fn="sthist.tl.fit_contrastive")
     from .._engine.methods import get_method
 
-    get_method(method)  # unknown names raise with the list of methods
+    method_cls = get_method(method)  # unknown names raise with the list of methods
     expr, gene_names = expression_matrix(adata, layer=layer, genes=genes)
     patches, feats = image_inputs(adata, patches_key=patches_key, features_key=features_key, need_patches=finetune)
-    coords, groups = spatial_inputs(adata, spatial_key=spatial_key, library_key=library_key)
+    coords, groups = spatial_inputs(
+        adata,
+        spatial_key=spatial_key,
+        library_key=library_key,
+        spatial_method=method if (method_cls.needs_neighbors or method_cls.needs_coords) else None,
+    )
     n = adata.n_obs
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}.")
@@ -187,11 +210,14 @@ def fit_contrastive(
     from .._engine import train as engine
 
     kwargs: dict[str, Any] = {}
+    paper = method_cls.training_defaults
     for name, value in {"max_epochs": max_epochs, "lr": lr, "weight_decay": weight_decay}.items():
         if value is not None:
             kwargs[name] = value
+        elif name in paper:
+            kwargs[name] = paper[name]
     if batch_size is None:
-        batch_size = engine.DEFAULTS["batch_size"]
+        batch_size = paper.get("batch_size", engine.DEFAULTS["batch_size"])
         if batch_size > n_train:
             info(f"    batch size reduced from {batch_size} to the {n_train} training spots")
             batch_size = n_train

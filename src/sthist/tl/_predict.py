@@ -57,13 +57,30 @@ def _model_inputs(adata: AnnData, model: Any, *, patches_key: str, features_key:
     return {"images": image_inputs(adata, patches_key=patches_key, features_key=None)[0]}
 
 
+def _retrieval_settings(model: Any, k: int | None, weighting: str | None) -> tuple[int, str]:
+    """The caller's k and weighting, else the method's paper values (k capped at a third of the bank)."""
+    config = getattr(model, "config", None)
+    paper = config.get("prediction_defaults", {}) if isinstance(config, dict) else {}
+    if weighting is None:
+        weighting = paper.get("weighting", "average")
+    check_choice("weighting", weighting, ["average", "distance", "softmax"])
+    if k is not None:
+        return check_positive_int("k", k), weighting
+    k = int(paper.get("k", 50))
+    bank = getattr(model, "bank_embeddings", None)
+    if bank is not None and k > max(1, bank.shape[0] // 3):
+        k = max(1, bank.shape[0] // 3)
+        info(f"    k reduced to {k}, a third of the {bank.shape[0]} reference spots")
+    return k, weighting
+
+
 @inject_docs
 def predict_expression(
     adata: AnnData,
     model: Any = None,
     *,
-    k: int = 50,
-    weighting: Literal["average", "distance", "softmax"] = "average",
+    k: int | None = None,
+    weighting: Literal["average", "distance", "softmax"] | None = None,
     genes: Any = None,
     patches_key: str = C.PATCHES_KEY,
     features_key: str | None = None,
@@ -91,10 +108,11 @@ def predict_expression(
         A fitted model (:func:`sthist.tl.fit_contrastive`, :func:`sthist.tl.fit_ridge`), the folder it was
         saved to, or ``None`` for the model that :func:`~sthist.tl.fit_contrastive` recorded for this AnnData.
     k
-        Number of reference spots retrieved per query (retrieval models).
+        Number of reference spots retrieved per query (retrieval models). ``None``: the method's paper value
+        (BLEEP 50, mclSTExp 200), at most a third of the reference bank.
     weighting
         How retrieved profiles are combined: ``'average'`` (BLEEP), ``'distance'`` (weights ∝ 1/d², mclSTExp)
-        or ``'softmax'`` over similarities.
+        or ``'softmax'`` over similarities. ``None``: the method's paper choice.
     genes
         Subset of the model's genes to write (list of names); ``None`` writes all of them. A gene the model
         does not cover raises an error.
@@ -140,8 +158,7 @@ def predict_expression(
     """
     check_adata(adata, fn="sthist.tl.predict_expression")
     model = resolve_model(adata, model)
-    k = check_positive_int("k", k)
-    check_choice("weighting", weighting, ["average", "distance", "softmax"])
+    k, weighting = _retrieval_settings(model, k, weighting)
     model_genes = list(model.genes)
     if genes is not None:
         genes = [genes] if isinstance(genes, str) else list(genes)
@@ -160,12 +177,10 @@ def predict_expression(
                 "AnnData with the model's genes, or check the gene naming (symbols vs Ensembl ids)."
             )
     inputs = _model_inputs(adata, model, patches_key=patches_key, features_key=features_key)
-    coords, groups = spatial_inputs(adata, spatial_key=spatial_key, library_key=library_key)
-    if getattr(model, "needs_neighbors", False) and coords is None:
-        raise KeyError(
-            f"model {model.method!r} uses the spatial neighbours of each spot: adata.obsm[{spatial_key!r}] is missing. "
-            "Add the spot coordinates in full-resolution pixels (see `sthist.io`)."
-        )
+    needs_space = bool(getattr(model, "needs_neighbors", False))
+    coords, groups = spatial_inputs(
+        adata, spatial_key=spatial_key, library_key=library_key, spatial_method=model.method if needs_space else None
+    )
 
     start = info(f"predicting {len(model_genes)} genes for {adata.n_obs} spots with {model.method!r}")
     spread = None

@@ -17,12 +17,17 @@ Class attributes that steer the shared machinery:
     Batches carry the ``n_neighbors`` spatial neighbours of every spot (indices, image features and, in training,
     expression); ``coords`` are then required.
 ``needs_coords``
-    Batches must carry coordinates (e.g. position embeddings, graphs built inside a batch).
+    Training batches must carry coordinates (e.g. position embeddings of the expression side, graphs built inside a
+    batch). Prediction needs coordinates only when ``needs_neighbors`` is set: query image embeddings of other
+    methods must not depend on positions.
 ``batch_by_group``
     Every batch holds spots of one section only (set-level models such as mclSTExp's Transformer over spots, or
     graphs built inside a batch).
 ``similarity``
     ``"cosine"`` or ``"dot"``: how query image embeddings are compared with the bank of expression embeddings.
+``training_defaults``, ``prediction_defaults``
+    The paper's training settings (``max_epochs``, ``batch_size``, ``lr``, ``weight_decay``) and retrieval settings
+    (``k``, ``weighting``) where they differ from the engine's (BLEEP's); used when the caller leaves them unset.
 """
 
 from __future__ import annotations
@@ -87,6 +92,10 @@ class Method(nn.Module):
     needs_coords: ClassVar[bool] = False
     batch_by_group: ClassVar[bool] = False
     similarity: ClassVar[Literal["cosine", "dot"]] = "cosine"
+    training_defaults: ClassVar[dict[str, Any]] = {}
+    """The paper's ``max_epochs`` / ``batch_size`` / ``lr`` / ``weight_decay``, used when the caller gives none."""
+    prediction_defaults: ClassVar[dict[str, Any]] = {}
+    """The paper's retrieval ``k`` and ``weighting``, used by ``predict_expression`` when the caller gives none."""
 
     @dataclass
     class Config:

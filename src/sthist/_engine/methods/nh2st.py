@@ -47,6 +47,10 @@ Departures (frozen encoder features instead of a fine-tuned ResNet-18)
   encoding the decoder reads, as the shared ResNet does in the paper; the hypergraph layers then map
   ``embed_dim -> hidden_dim -> embed_dim``.
 * The decoder reads ``h_p + n_p`` (image-only neighbour context) by default; the authors' code decodes ``h_p``.
+* Each branch holds one token per modality, so the cross-attention's softmax runs over a single key: the refined
+  image vector is ``h_p`` plus a function of the expression, and the InfoNCE terms can be solved through the
+  expression side (on her2st they fall below 0.01 within a few epochs). Kept as published; the MSE does most of the
+  work on frozen features.
 * Training settings are sthist's shared ones (AdamW, batch 256, early stopping on the validation loss), not Adam with
   batch 8 and 200 epochs; the authors also smooth the targets (``smooth_exp``), which sthist leaves to the user.
 
@@ -109,8 +113,9 @@ def neighbourhood_hypergraph(feats: torch.Tensor, mask: torch.Tensor, k: int) ->
     its ``k`` most similar nodes; missing nodes belong to no hyperedge and have none of their own.
     """
     b, n, _ = feats.shape
-    x = F.normalize(feats.detach().float(), dim=-1)
-    sim = x @ x.transpose(1, 2)  # (B, n, n): sim[b, e, v] of hyperedge owner e and candidate v
+    with torch.autocast(device_type=feats.device.type, enabled=False):  # float32 similarities in training and inference
+        x = F.normalize(feats.detach().float(), dim=-1)
+        sim = x @ x.transpose(1, 2)  # (B, n, n): sim[b, e, v] of hyperedge owner e and candidate v
     eye = torch.eye(n, dtype=torch.bool, device=feats.device)
     valid = mask.unsqueeze(1) & mask.unsqueeze(2) & ~eye
     sim = sim.masked_fill(~valid, float("-inf"))
@@ -343,7 +348,9 @@ class NH2ST(Method):
         b = img_feats.shape[0]
         ones = torch.ones(b, 1, dtype=torch.bool, device=img_feats.device)
         mask = torch.cat([ones, batch.neighbor_mask.to(img_feats.device).bool()], dim=1)
-        inc = neighbourhood_hypergraph(self._nodes(img_feats, batch.neighbor_img_feats), mask, self.config.hyperedge_size)
+        inc = neighbourhood_hypergraph(
+            self._nodes(img_feats, batch.neighbor_img_feats), mask, self.config.hyperedge_size
+        )
         return mask, inc, _spot_mapper(batch, mask)
 
     def _image_side(self, img_feats: torch.Tensor, batch: Batch):

@@ -95,6 +95,16 @@ def _centre(k: torch.Tensor) -> torch.Tensor:
     return k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()
 
 
+def _hsic_k(kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+    """HSIC from two kernel matrices: ``tr(K_x C K_y C) / (N - 1)^2 = sum(C K_x C * K_y) / (N - 1)^2``."""
+    n = kx.shape[0]
+    return (_centre(kx) * ky).sum() / float((n - 1) ** 2)
+
+
+def _nhsic_k(kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+    return _hsic_k(kx, ky) / torch.sqrt((1.0 + _hsic_k(kx, kx)) * (1.0 + _hsic_k(ky, ky)))
+
+
 def hsic(x: torch.Tensor, y: torch.Tensor, sigma: float = 10.0) -> torch.Tensor:
     """Biased HSIC estimate ``tr(K_x C K_y C) / (N - 1)^2`` with Gaussian kernels of width ``sigma``.
 
@@ -104,15 +114,30 @@ def hsic(x: torch.Tensor, y: torch.Tensor, sigma: float = 10.0) -> torch.Tensor:
         (N, d_x) and (N, d_y) paired samples, N >= 2.
     sigma
         Kernel width (ST-GCHB: 10).
+
+    Returns
+    -------
+    Scalar tensor; ``C = I - 11^T / N`` is the centring matrix.
     """
-    n = x.shape[0]
-    kx, ky = gaussian_kernel(x.float(), sigma), gaussian_kernel(y.float(), sigma)
-    return (_centre(kx) * ky).sum() / float((n - 1) ** 2)
+    return _hsic_k(gaussian_kernel(x.float(), sigma), gaussian_kernel(y.float(), sigma))
 
 
 def nhsic(x: torch.Tensor, y: torch.Tensor, sigma: float = 10.0) -> torch.Tensor:
     """Normalised HSIC of ST-GCHB: ``HSIC(x, y) / sqrt((1 + HSIC(x, x)) (1 + HSIC(y, y)))``."""
-    return hsic(x, y, sigma) / torch.sqrt((1.0 + hsic(x, x, sigma)) * (1.0 + hsic(y, y, sigma)))
+    return _nhsic_k(gaussian_kernel(x.float(), sigma), gaussian_kernel(y.float(), sigma))
+
+
+def hsic_bottleneck(x: torch.Tensor, h: torch.Tensor, e: torch.Tensor, *, beta: float, sigma: float) -> torch.Tensor:
+    """ST-GCHB's HSIC-bottleneck term ``nHSIC(x, h) - beta * nHSIC(e, h)`` (each kernel computed once).
+
+    ``x``: inputs of the encoder, ``h``: its hidden representation, ``e``: the projected joint-space embedding.
+    """
+    kx, kh, ke = (gaussian_kernel(t.float(), sigma) for t in (x, h, e))
+    scale = float((x.shape[0] - 1) ** 2)
+    ckh = _centre(kh)  # tr(K_a C K_b C) is symmetric in a, b: centre the shared kernel once
+    h_xh, h_eh, h_hh = (ckh * kx).sum() / scale, (ckh * ke).sum() / scale, (ckh * kh).sum() / scale
+    h_xx, h_ee = _hsic_k(kx, kx), _hsic_k(ke, ke)
+    return h_xh / torch.sqrt((1.0 + h_xx) * (1.0 + h_hh)) - beta * h_eh / torch.sqrt((1.0 + h_ee) * (1.0 + h_hh))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,8 +194,11 @@ def _corrupt(
     feats = torch.cat([x, x_nb.reshape(b * k, d)])
     valid = ids >= 0
     uniq, inv = torch.unique(ids[valid], return_inverse=True)
-    table = x.new_zeros(uniq.shape[0], d)
-    table[inv] = feats[valid]  # identical rows for repeated ids
+    # one row per node, from its first occurrence (repeated ids carry identical features)
+    order = torch.arange(inv.shape[0], device=inv.device)
+    first = torch.full((uniq.shape[0],), inv.shape[0], dtype=torch.long, device=inv.device)
+    first = first.scatter_reduce(0, inv, order, reduce="amin")
+    table = feats[valid][first]
     shuffled = table[perm_fn(uniq.shape[0]).to(table.device)]
     pos = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
     pos[valid] = inv
@@ -325,9 +353,8 @@ class STGCHB(Method):
         e_expr = self.expression_projection(h_expr).float()
         align = soft_clip_loss(e_img, e_expr, cfg.temperature)
 
-        s = cfg.sigma
-        hb_img = nhsic(x_img, h_img, s) - cfg.beta * nhsic(e_img, h_img, s)
-        hb_expr = nhsic(x_expr, h_expr, s) - cfg.beta * nhsic(e_expr, h_expr, s)
+        hb_img = hsic_bottleneck(x_img, h_img, e_img, beta=cfg.beta, sigma=cfg.sigma)
+        hb_expr = hsic_bottleneck(x_expr, h_expr, e_expr, beta=cfg.beta, sigma=cfg.sigma)
 
         dgi = dgi_img.float() + dgi_expr.float()
         hb = hb_img + hb_expr

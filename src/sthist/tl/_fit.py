@@ -194,6 +194,7 @@ def fit_contrastive(
     from .._engine.methods import get_method
 
     method_cls = get_method(method)  # unknown names raise with the list of methods
+    method_cls.make_config(method_kwargs)  # unknown or invalid settings raise before any work
     expr, gene_names = expression_matrix(adata, layer=layer, genes=genes)
     patches, feats = image_inputs(adata, patches_key=patches_key, features_key=features_key, need_patches=finetune)
     coords, groups = spatial_inputs(

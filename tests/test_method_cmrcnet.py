@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 import sthist as st
-import sthist._engine.methods.cmrcnet  # noqa: F401  (registers "cmrcnet")
+import sthist._engine.methods.cmrcnet  # registers "cmrcnet" until the registry imports it
 from sthist._engine.methods import METHODS, Batch, get_method
 from sthist._engine.methods.bleep import soft_clip_loss
 from sthist._engine.methods.cmrcnet import CMRCNet, soft_clip_loss_per_spot
@@ -24,14 +24,19 @@ SMALL = {"projection_dim": 32, "n_image_tokens": 4, "n_gene_tokens": 4}
 FIT = {"method": "cmrcnet", "layer": "targets", "library_key": "section", "progress": False}
 
 
+def _dense(x):
+    return x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+
+
 def _anndata_equal(a, b) -> None:
     assert a.shape == b.shape
+    np.testing.assert_array_equal(_dense(a.X), _dense(b.X))
     assert a.obs.equals(b.obs) and a.var.equals(b.var)
     assert sorted(a.obsm) == sorted(b.obsm) and sorted(a.layers) == sorted(b.layers) and sorted(a.uns) == sorted(b.uns)
     for k in a.obsm:
-        np.testing.assert_array_equal(a.obsm[k], b.obsm[k])
+        np.testing.assert_array_equal(_dense(a.obsm[k]), _dense(b.obsm[k]))
     for k in a.layers:
-        np.testing.assert_array_equal(a.layers[k], b.layers[k])
+        np.testing.assert_array_equal(_dense(a.layers[k]), _dense(b.layers[k]))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,8 @@ def split(prepared):
 def trained(split):
     train, _ = split
     train = train.copy()
-    model = st.tl.fit_contrastive(train, max_epochs=30, method_kwargs=SMALL, random_state=0, **FIT)
+    # the paper's training settings (lr 1e-4, batch 64, at most 60 epochs) come from CMRCNet.training_defaults
+    model = st.tl.fit_contrastive(train, method_kwargs=SMALL, random_state=0, **FIT)
     return train, model
 
 
@@ -65,6 +71,9 @@ def test_registered_with_paper_defaults():
     assert get_method("cmrcnet") is CMRCNet and METHODS["cmrcnet"] is CMRCNet
     assert CMRCNet.prediction == "retrieval" and CMRCNet.similarity == "cosine"
     assert not CMRCNet.needs_neighbors and not CMRCNet.needs_coords and not CMRCNet.batch_by_group
+    # the authors' config.py / train.py and inference.py
+    assert CMRCNet.training_defaults == {"lr": 1e-4, "batch_size": 64, "max_epochs": 60, "weight_decay": 1e-3}
+    assert CMRCNet.prediction_defaults == {"k": 50, "weighting": "average"}
     cfg = CMRCNet.Config()
     assert (cfg.projection_dim, cfg.dropout, cfg.temperature) == (256, 0.1, 1.0)
     assert (cfg.n_gene_tokens, cfg.mask_ratio, cfg.attention_heads, cfg.fusion_heads, cfg.fusion_layers) == (
@@ -99,7 +108,10 @@ def test_fusion_block_is_shared_across_passes():
 
 def test_soft_clip_loss_per_spot():
     gen = torch.Generator().manual_seed(0)
-    img, expr = torch.randn(6, 8, generator=gen, dtype=torch.float64), torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    img, expr = (
+        torch.randn(6, 8, generator=gen, dtype=torch.float64),
+        torch.randn(6, 8, generator=gen, dtype=torch.float64),
+    )
     per = soft_clip_loss_per_spot(img, expr, 1.0)
     assert per.shape == (6,)
     # at T = 1 its mean is BLEEP's loss
@@ -108,9 +120,7 @@ def test_soft_clip_loss_per_spot():
     t = 0.5
     logits = expr @ img.T / t
     targets = F.softmax((img @ img.T + expr @ expr.T) / 2 * t, dim=-1)
-    expected = (
-        -(targets * F.log_softmax(logits, -1)).sum(1) - (targets.T * F.log_softmax(logits.T, -1)).sum(1)
-    ) / 2
+    expected = (-(targets * F.log_softmax(logits, -1)).sum(1) - (targets.T * F.log_softmax(logits.T, -1)).sum(1)) / 2
     torch.testing.assert_close(soft_clip_loss_per_spot(img, expr, t), expected)
 
 
@@ -173,10 +183,12 @@ def test_learns_informative_genes_and_beats_shuffled_control(split, trained):
     assert train.uns["contrastive"]["params"]["method"] == "cmrcnet"
     assert train.uns["contrastive"]["params"]["config"]["n_image_tokens"] == 4
     assert set(model.history["train_components"]) == {"contrastive", "reconstruction"}
+    training = model.config["training"]
+    assert (training["lr"], training["batch_size"], training["max_epochs"]) == (1e-4, 64, 60)
     assert train.obsm["X_contrastive_image"].shape == (train.n_obs, 32)
     shuffled = train.copy()
     shuffled.layers["targets"] = shuffled.layers["targets"][np.random.default_rng(0).permutation(shuffled.n_obs)]
-    control = st.tl.fit_contrastive(shuffled, max_epochs=30, method_kwargs=SMALL, random_state=0, **FIT)
+    control = st.tl.fit_contrastive(shuffled, method_kwargs=SMALL, random_state=0, **FIT)
     genes = test.var_names[test.var["informative"].to_numpy()].tolist()
     scores = {}
     for name, m in {"real": model, "shuffled": control}.items():
@@ -200,11 +212,12 @@ def test_save_load_round_trip(split, trained, tmp_path):
     np.testing.assert_array_equal(model.bank_embeddings, loaded.bank_embeddings)
 
 
-def test_same_seed_same_model(split, trained):
-    train, model = trained
-    _, test = split
-    again = st.tl.fit_contrastive(train.copy(), max_epochs=30, method_kwargs=SMALL, random_state=0, **FIT)
-    other = st.tl.fit_contrastive(train.copy(), max_epochs=30, method_kwargs=SMALL, random_state=1, **FIT)
+def test_same_seed_same_model(split):
+    train, test = split
+    model, again, other = (
+        st.tl.fit_contrastive(train.copy(), max_epochs=5, method_kwargs=SMALL, random_state=seed, **FIT)
+        for seed in (0, 0, 1)
+    )
     assert again.history["train_loss"] == model.history["train_loss"]
     a, b, c = test.copy(), test.copy(), test.copy()
     for ad, m in ((a, model), (b, again), (c, other)):
@@ -235,10 +248,36 @@ def test_bad_method_kwargs_raise_and_leave_adata_unchanged(split, kwargs, messag
     _anndata_equal(adata, before)
 
 
-def test_fusion_layers_zero_and_fine_tune_shapes():
+def test_fusion_layers_zero_skips_the_fusion_block():
     m = CMRCNet(12, 9, CMRCNet.make_config({**SMALL, "fusion_layers": 0}))
     loss, parts = m.loss(Batch(img_feats=torch.randn(4, 12), expression=torch.rand(4, 9)))
     assert torch.isfinite(loss) and set(parts) == {"contrastive", "reconstruction"}
+
+
+def test_fine_tuning_trains_the_encoder():
+    adata = st.datasets.toy(n_rows=8, n_cols=8, n_genes=20, n_sections=1, seed=2)
+    st.pp.extract_patches(adata, patch_size=32, progress=False)
+    st.pp.normalize_expression(adata)
+    model = st.tl.fit_contrastive(
+        adata,
+        method="cmrcnet",
+        layer="targets",
+        finetune=True,
+        encoder="resnet18",
+        max_epochs=1,
+        batch_size=16,
+        validation_fraction=0,
+        method_kwargs=SMALL,
+        progress=False,
+    )
+    assert model.finetuned and model.config["mode"] == "finetune"
+    from sthist._engine.encoders import build_image_encoder
+
+    fresh = build_image_encoder("resnet18", pretrained=False).state_dict()  # the same deterministic initialisation
+    tuned = model._net.encoder.state_dict()
+    assert any(not torch.equal(tuned[k], fresh[k]) for k in fresh if fresh[k].is_floating_point())
+    st.tl.predict_expression(adata, model, progress=False)
+    assert np.isfinite(adata.layers["predicted"]).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -246,6 +285,7 @@ def test_fusion_layers_zero_and_fine_tune_shapes():
 
 
 @pytest.mark.realdata
+@pytest.mark.filterwarnings("ignore:normalize_expression")
 @pytest.mark.skipif(not HER2ST.is_dir(), reason=f"the her2st subset is not at {HER2ST}")
 def test_her2st_serial_sections():
     adata = st.datasets.her2st(HER2ST, sections=["C3", "C4"], progress=False)
@@ -260,4 +300,4 @@ def test_her2st_serial_sections():
     st.tl.predict_expression(test, model, progress=False)
     df = st.tl.score_prediction(test, layer="predicted", true_layer="targets", inplace=False)
     assert np.isfinite(test.layers["predicted"]).all()
-    assert df.loc["all", "pcc_all"] > 0.05  # serial sections of one patient share structure
+    assert df.loc["all", "pcc_all"] > 0.1  # serial sections of one patient (0.19 when written; ~0 by chance)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 DEFAULT_ENCODER = "hed-texture"
-METHODS_DOC = "``'bleep'``"
+METHODS_DOC = "``'bleep'``, ``'mclstexp'``, ``'nh2st'``, ``'stgchb'``, ``'cmrcnet'`` and ``'bleep_ctx'`` (BLEEP with neighbour context)"
 
 
 def _h5ad_safe(obj: Any) -> Any:

@@ -49,9 +49,12 @@ Defaults (sources in the authors' repository github.com/ngfufdrdh/CMRCNet)
     tokens (2048 / 256), 4 heads in the first cross-attention, 8 heads and 2 passes in the fusion block
     (``models.py``). ``n_image_tokens`` is 8, not the paper's 50 ViT tokens: with one pooled vector per spot the
     extra tokens are only further linear views of the same vector, and 8 keeps CPU training of the sthist her2st
-    benchmark (about 550 spots x 785 genes) within a few minutes. Training in the paper (set in ``fit``): AdamW lr 1e-4 with cosine decay to 1e-5 and
-    weight decay 1e-3, batch size 64, 60 epochs, the best validation epoch kept (``config.py``, ``train.py``),
-    ViT-B/32 trained from scratch on 224 x 224 patches with flips and 90 degree rotations (``dataset.py``).
+    benchmark (about 550 spots x 785 genes) within a few minutes. Training (``training_defaults``, used by
+    ``sthist.tl.fit_contrastive`` when the caller sets none): AdamW lr 1e-4, weight decay 1e-3, batch size 64, at
+    most 60 epochs, the best validation epoch kept (``config.py``, ``train.py``); the paper decays the lr to 1e-5
+    with a cosine schedule, the shared loop keeps it constant and stops early after 10 epochs without a lower
+    validation loss. The paper trains a ViT-B/32 from scratch on 224 x 224 patches with flips and 90 degree
+    rotations (``dataset.py``); sthist's default is frozen features.
 
 Citation
     Liu, J., Eckstein, M., Wang, Z., Feuerhake, F., Merhof, D. Spatial transcriptomics expression prediction from
@@ -62,6 +65,7 @@ Citation
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -159,6 +163,11 @@ class CMRCNet(Method):
     prediction = "retrieval"
     needs_neighbors = False
     similarity = "cosine"
+    training_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "batch_size": 64, "max_epochs": 60, "weight_decay": 1e-3}
+    """The authors' training settings (``config.py``: AdamW lr 1e-4, weight decay 1e-3, batch 64, 60 epochs); their
+    cosine decay of the lr to 1e-5 is not reproduced (the shared loop keeps the lr constant)."""
+    prediction_defaults: ClassVar[dict[str, Any]] = {"k": 50, "weighting": "average"}
+    """The authors' ``inference.py``: plain average of the top 50 reference spots."""
 
     @dataclass
     class Config:

@@ -11,11 +11,8 @@ FIT = {"method": "bleep_ctx", "layer": "targets", "library_key": "section", "pro
 
 
 @pytest.fixture(scope="module")
-def split():
-    adata = st.datasets.toy(n_rows=12, n_cols=12, n_genes=40, n_sections=2, seed=2)
-    st.pp.extract_patches(adata, patch_size=48, library_key="section", progress=False)
-    st.pp.normalize_expression(adata)
-    st.pp.embed_patches(adata, progress=False)
+def split(prepared_toy):
+    adata = prepared_toy(2)
     sec = adata.obs["section"].to_numpy()
     return adata[sec == "toy_0"].copy(), adata[sec == "toy_1"].copy()
 

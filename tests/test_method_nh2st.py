@@ -205,11 +205,8 @@ def test_per_spot_shortcut_gives_the_same_loss_and_gradients():
 
 
 @pytest.fixture(scope="module")
-def toy():
-    adata = st.datasets.toy(n_rows=12, n_cols=12, n_genes=40, n_sections=2)
-    st.pp.extract_patches(adata, patch_size=48, library_key="section", progress=False)
-    st.pp.normalize_expression(adata)
-    st.pp.embed_patches(adata, progress=False)
+def toy(prepared_toy):
+    adata = prepared_toy(0)
     sec = adata.obs["section"].to_numpy()
     return adata[sec == "toy_0"].copy(), adata[sec == "toy_1"].copy()
 

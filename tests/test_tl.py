@@ -11,12 +11,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def prepared():
-    adata = st.datasets.toy(n_rows=12, n_cols=12, n_genes=40, n_sections=2, seed=1)
-    st.pp.extract_patches(adata, patch_size=48, library_key="section", progress=False)
-    st.pp.normalize_expression(adata)
-    st.pp.embed_patches(adata, progress=False)
-    return adata
+def prepared(prepared_toy):
+    return prepared_toy(1)
 
 
 @pytest.fixture(scope="module")

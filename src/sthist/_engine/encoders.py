@@ -339,6 +339,20 @@ def _match_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.Te
         )
     best = min(prefixes.items(), key=lambda kv: (-kv[1], len(kv[0])))[0]
     sub = {k[len(best) :]: v for k, v in state.items() if k.startswith(best) and k[len(best) :] in tkeys}
+    # tensors of the checkpoint the architecture does not have (a classifier head aside) mean another architecture:
+    # loading the rest would silently give wrong features (e.g. UNI's LayerScale into a plain ViT)
+    classifier = ("head.", "fc.", "classifier.", "head_dist.", "last_linear.")
+    unexpected = sorted(
+        k[len(best) :]
+        for k in state
+        if k.startswith(best) and k[len(best) :] not in tkeys and not k[len(best) :].startswith(classifier)
+    )
+    if unexpected:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not match the architecture {spec!r}: it has {len(unexpected)} tensors the "
+            f"model lacks (e.g. {unexpected[:5]}). Pass the timm model name (and settings) the weights were trained with "
+            "as `encoder=`."
+        )
     missing = sorted(tkeys - set(sub))
     if missing:
         raise ValueError(

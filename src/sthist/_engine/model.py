@@ -73,7 +73,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 class ContrastiveModel:
-    """A fitted contrastive model (returned by :func:`sthist._engine.train.fit`).
+    """A fitted contrastive model, returned by :func:`sthist.tl.fit_contrastive`.
 
     Attributes
     ----------

@@ -33,6 +33,7 @@ def cross_validate(
     k: int | None = None,
     weighting: str | None = None,
     spatial_key: str = C.SPATIAL_KEY,
+    library_key: str | None = None,
     n_top: int = 50,
     random_state: int = 0,
     progress: bool = True,
@@ -62,6 +63,10 @@ def cross_validate(
         Retrieval settings of :func:`sthist.tl.predict_expression` (``None``: the method's paper values).
     spatial_key
         ``adata.obsm`` key of the coordinates, for neighbour-based methods.
+    library_key
+        Column of ``adata.obs`` with each spot's section, so that neighbour-based methods never join spots of
+        different sections; ``None`` uses ``groupby`` (right when holding out sections; pass ``"section"`` when
+        ``groupby="patient"``).
     n_top
         Size of the highly expressed / highly variable gene sets of the scores.
     {random_state}
@@ -97,6 +102,10 @@ def cross_validate(
     if groupby not in adata.obs:
         raise KeyError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
     labels = adata.obs[groupby].astype(str).to_numpy()
+    library_key = groupby if library_key is None else library_key
+    if library_key not in adata.obs:
+        raise KeyError(f"library_key={library_key!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
+    libraries = adata.obs[library_key].astype(str).to_numpy()
     folds = list(dict.fromkeys(labels))
     if len(folds) < 2:
         raise ValueError(f"adata.obs[{groupby!r}] has {len(folds)} group(s); leave-one-out needs at least two.")
@@ -132,7 +141,7 @@ def cross_validate(
         obsm["features"] = feats
     work = ad.AnnData(
         X=expr,
-        obs=pd.DataFrame({groupby: labels}, index=adata.obs_names.copy()),
+        obs=pd.DataFrame({groupby: labels, "_library": libraries}, index=adata.obs_names.copy()),
         var=pd.DataFrame(index=pd.Index(gene_names)),
         obsm=obsm,
     )
@@ -151,7 +160,7 @@ def cross_validate(
             fkw = {kk: v for kk, v in fit_kwargs.items() if kk not in {"encoder"}}
             if not finetune:
                 fkw["features_key"] = "features"
-            fkw.setdefault("library_key", groupby)
+            fkw.setdefault("library_key", "_library")
             model = fit_contrastive(
                 train_ad, method=method, encoder=encoder, random_state=random_state, progress=progress, **fkw
             )
@@ -161,7 +170,7 @@ def cross_validate(
             k=k,
             weighting=weighting,
             features_key=None if finetune else "features",
-            library_key=groupby,
+            library_key="_library",
             key_added="oof",
             progress=False,
         )
@@ -186,6 +195,7 @@ def cross_validate(
         {
             "params": {
                 "groupby": groupby,
+                "library_key": library_key,
                 "method": method,
                 "layer": layer,
                 "encoder": encoder,

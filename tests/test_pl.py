@@ -165,8 +165,14 @@ def test_predicted_vs_true_picks_one_library():
     assert len(_collections(axes[0])[0].get_offsets()) == n_b
     with pytest.raises(ValueError, match=r"several libraries \['A', 'B'\].*library_id"):
         pl.predicted_vs_true(adata, "G2", library_key="section", show=False)
-    with pytest.raises(ValueError, match=r"library_key.*candidates: \['section'\]"):
-        pl.predicted_vs_true(adata, "G2", library_id="A", show=False)
+    # without library_key, the one obs column naming libraries ('section') is used
+    n_a = int((adata.obs["section"] == "A").sum())
+    axes = pl.predicted_vs_true(adata, "G2", library_id="A", show=False)
+    assert len(_collections(axes[0])[0].get_offsets()) == n_a
+    other = adata.copy()
+    other.obs["section_copy"] = other.obs["section"].astype(str)  # two such columns: ambiguous again
+    with pytest.raises(ValueError, match=r"library_key.*candidates"):
+        pl.predicted_vs_true(other, "G2", library_id="A", show=False)
     with pytest.raises(ValueError, match=r"several libraries"):
         pl.predicted_vs_true(adata, "G2", show=False)
     with pytest.raises(KeyError, match=r"'C'.*available: \['A', 'B'\]"):
@@ -274,3 +280,18 @@ def test_training_history_inputs():
         pl.training_history({"loss": [1, 2]}, show=False)
     with pytest.raises(ValueError, match="no epoch"):
         pl.training_history({"train_loss": []}, show=False)
+
+
+def test_predicted_vs_true_on_one_section_subset_needs_no_library_key():
+    """A one-section subset of a multi-section object keeps every library in uns; the 'section' column says which."""
+    import sthist as st
+
+    adata = st.datasets.toy(n_rows=6, n_cols=6, n_genes=8, n_sections=2, seed=0)
+    adata.layers["predicted"] = adata.X.toarray()
+    sub = adata[adata.obs["section"] == "toy_1"].copy()
+    assert len(sub.uns["spatial"]) == 2
+    fig = st.pl.predicted_vs_true(sub, [sub.var_names[0]], show=False, return_fig=True)
+    assert len(fig.axes) >= 2
+    both = adata.copy()
+    with pytest.raises(ValueError, match="several libraries"):
+        st.pl.predicted_vs_true(both, [both.var_names[0]], show=False)

@@ -64,7 +64,21 @@ def _layer(adata: AnnData, layer: str | None, what: str, fn: str) -> Any:
 def _select_library(
     adata: AnnData, *, library_id: str | None, library_key: str | None, fn: str
 ) -> tuple[str, np.ndarray]:
-    """Library id and boolean spot mask; ambiguity raises with the choices."""
+    """Library id and boolean spot mask; ambiguity raises with the choices.
+
+    Without ``library_key`` on an object whose ``uns['spatial']`` holds several libraries, the one obs column whose
+    values all name libraries (e.g. ``'section'``) is used, so a one-section subset plots without more arguments.
+    """
+    libraries = set(adata.uns.get(C.SPATIAL_KEY, {}))
+    if library_key is None and len(libraries) > 1:
+        columns = [
+            c
+            for c in adata.obs.columns
+            if adata.obs[c].dtype.kind in "OUSb" or str(adata.obs[c].dtype) == "category"
+            if adata.obs[c].astype(str).isin(libraries).all()
+        ]
+        if len(columns) == 1:
+            library_key = columns[0]
     if library_key is not None:
         if library_key not in adata.obs.columns:
             raise KeyError(

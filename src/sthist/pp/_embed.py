@@ -24,6 +24,41 @@ def _patch_geometry(adata: AnnData, patches_key: str) -> dict:
     return {k: params[k] for k in ("patch_size", "mpp") if k in params and params[k] is not None}
 
 
+def default_key(encoder: str) -> str:
+    """``obsm`` key of an encoder's embeddings: ``'X_<encoder name>'``."""
+    from .._engine.encoders import encoder_key
+
+    return f"X_{encoder_key(encoder)}"
+
+
+def encode(
+    adata: AnnData,
+    patches: np.ndarray,
+    *,
+    encoder: str,
+    pretrained: bool,
+    checkpoint: str | None,
+    patches_key: str,
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """Embed ``patches`` with an encoder; return the embeddings and the params recorded in ``uns``."""
+    from .._engine.encoders import build_image_encoder, encode_patches
+
+    enc = build_image_encoder(encoder, pretrained=pretrained, checkpoint=checkpoint)
+    emb = encode_patches(enc, patches, batch_size=batch_size, device=device, progress=progress)
+    params = {
+        "encoder": encoder,
+        "pretrained": bool(enc.pretrained),
+        "checkpoint": "" if enc.checkpoint is None else str(enc.checkpoint),
+        "out_dim": int(enc.out_dim),
+        "patches_key": patches_key,
+        **_patch_geometry(adata, patches_key),
+    }
+    return emb, params
+
+
 @inject_docs
 def embed_patches(
     adata: AnnData,
@@ -102,27 +137,25 @@ def embed_patches(
             f"{patches.dtype} {patches.shape}; recreate them with `sthist.pp.extract_patches(adata)`."
         )
 
-    from .._engine.encoders import build_image_encoder, encode_patches, encoder_key
-
     if key_added is None:
-        key_added = f"X_{encoder_key(encoder)}"
+        key_added = default_key(encoder)
     start = info(f"embedding {patches.shape[0]} patches with {encoder!r}")
     # build and run the encoder before touching adata, so that errors leave it unchanged
-    enc = build_image_encoder(encoder, pretrained=pretrained, checkpoint=checkpoint)
-    emb = encode_patches(enc, patches, batch_size=batch_size, device=device, progress=progress)
+    emb, params = encode(
+        adata,
+        patches,
+        encoder=encoder,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        patches_key=patches_key,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
 
     adata = adata.copy() if copy else adata
     adata.obsm[key_added] = emb
-    adata.uns[key_added] = {
-        "params": {
-            "encoder": encoder,
-            "pretrained": bool(enc.pretrained),
-            "checkpoint": "" if enc.checkpoint is None else str(enc.checkpoint),
-            "out_dim": int(enc.out_dim),
-            "patches_key": patches_key,
-            **_patch_geometry(adata, patches_key),
-        }
-    }
+    adata.uns[key_added] = {"params": params}
     info(
         "    finished",
         time=start,

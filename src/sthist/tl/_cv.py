@@ -11,6 +11,7 @@ from .. import _constants as C
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata
+from ..pp._embed import encode
 from ._fit import DEFAULT_ENCODER, _h5ad_safe, cached_features
 from ._utils import expression_matrix, image_inputs
 
@@ -132,12 +133,15 @@ def cross_validate(
             if key is not None:
                 feats = np.asarray(adata.obsm[key], dtype=np.float32)
             else:
-                from .._engine.encoders import build_image_encoder, encode_patches
-
-                enc = build_image_encoder(
-                    encoder, pretrained=fit_kwargs.get("pretrained", False), checkpoint=fit_kwargs.get("checkpoint")
+                feats, _ = encode(
+                    adata,
+                    patches,
+                    encoder=encoder,
+                    pretrained=fit_kwargs.get("pretrained", False),
+                    checkpoint=fit_kwargs.get("checkpoint"),
+                    patches_key=patches_key,
+                    progress=progress,
                 )
-                feats = encode_patches(enc, patches, progress=progress)
         obsm["features"] = feats
     work = ad.AnnData(
         X=expr,

@@ -11,7 +11,7 @@ from .. import _constants as C
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_positive_int
-from ..pp._embed import _patch_geometry
+from ..pp._embed import default_key, encode
 from ._utils import expression_matrix, image_inputs, register_model
 
 if TYPE_CHECKING:
@@ -37,9 +37,7 @@ def _h5ad_safe(obj: Any) -> Any:
 
 def cached_features(adata: AnnData, *, encoder: str, pretrained: bool, checkpoint: str | None) -> str | None:
     """The obsm key of embeddings computed earlier with exactly this encoder, or None."""
-    from .._engine.encoders import encoder_key
-
-    key = f"X_{encoder_key(encoder)}"
+    key = default_key(encoder)
     params = adata.uns.get(key, {}).get("params", {}) if isinstance(adata.uns.get(key), dict) else {}
     same = (
         key in adata.obsm
@@ -235,19 +233,17 @@ def fit_contrastive(
         if features_key is not None:
             feats = np.asarray(adata.obsm[features_key], dtype=np.float32)
         else:
-            from .._engine.encoders import build_image_encoder, encode_patches, encoder_key
-
-            enc = build_image_encoder(encoder, pretrained=pretrained, checkpoint=checkpoint)
-            feats = encode_patches(enc, patches, progress=progress, device=device)
-            new_features_key = f"X_{encoder_key(encoder)}"
-            enc_params = {
-                "encoder": encoder,
-                "pretrained": bool(enc.pretrained),
-                "checkpoint": "" if enc.checkpoint is None else str(enc.checkpoint),
-                "out_dim": int(enc.out_dim),
-                "patches_key": patches_key,
-                **_patch_geometry(adata, patches_key),
-            }
+            feats, enc_params = encode(
+                adata,
+                patches,
+                encoder=encoder,
+                pretrained=pretrained,
+                checkpoint=checkpoint,
+                patches_key=patches_key,
+                device=device,
+                progress=progress,
+            )
+            new_features_key = default_key(encoder)
     start = info(f"fitting {method!r} on {n} spots x {len(gene_names)} genes")
     model = engine.fit(
         method=method,

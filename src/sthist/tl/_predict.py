@@ -11,6 +11,7 @@ from .. import _constants as C
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_choice, check_positive_int
+from ..pp._embed import encode
 from ._fit import _h5ad_safe, cached_features, spatial_inputs
 from ._utils import image_inputs, resolve_model
 
@@ -31,11 +32,16 @@ def _model_inputs(adata: AnnData, model: Any, *, patches_key: str, features_key:
                 f"run `sthist.pp.embed_patches(adata, key_added={key!r})` with the encoder used for fitting."
             )
         patches, _ = image_inputs(adata, patches_key=patches_key, features_key=None)
-        from .._engine.encoders import build_image_encoder, encode_patches
-
-        ckpt = model.encoder_params.get("checkpoint") or None
-        encoder = build_image_encoder(enc, pretrained=bool(model.encoder_params.get("pretrained")), checkpoint=ckpt)
-        return {"features": encode_patches(encoder, patches, progress=False)}
+        feats, _ = encode(
+            adata,
+            patches,
+            encoder=enc,
+            pretrained=bool(model.encoder_params.get("pretrained")),
+            checkpoint=model.encoder_params.get("checkpoint") or None,
+            patches_key=patches_key,
+            progress=False,
+        )
+        return {"features": feats}
     if model.finetuned:
         return {"images": image_inputs(adata, patches_key=patches_key, features_key=None, need_patches=True)[0]}
     enc = model.config["encoder"]

@@ -19,6 +19,12 @@ Aggregation of the k retrieved expression profiles (``weighting=``)
 Spread per spot
     The weighted standard deviation of each gene over the k retrieved profiles, averaged over genes: low when the
     neighbours in the joint space agree, high when the prediction averages dissimilar spots.
+Search (``index=``)
+    ``"exact"`` (default): the chunked exact search above. ``"faiss-ivf"``: an approximate inverted-file index of
+    faiss (``IndexIVFFlat`` over inner products of the normalised keys, ``sqrt(n)`` lists trained by k-means
+    on at most 128 keys per list, ``n_probe`` lists visited per query) for banks of millions of spots where exact
+    search is too slow; needs ``pip install faiss-cpu`` (or ``faiss-gpu``). Approximate: a query may miss some of
+    its true k nearest keys (``benchmarks/retrieval.py`` measures recall and speed).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from ._utils import check_float, check_int, progress_bar, resolve_device
 
 SIMILARITIES = ("cosine", "dot")
 WEIGHTINGS = ("average", "distance", "softmax")
+INDEXES = ("exact", "faiss-ivf")
 _LOW = (1 << 32) - 1
 _MAX_ELEMENTS = 1 << 24  # elements per gathered (rows, k, width) block in aggregation
 
@@ -136,6 +143,62 @@ def _topk_tile(q: torch.Tensor, bank: _Bank, k: int) -> tuple[torch.Tensor, torc
     return sims, idx
 
 
+class _FaissBank:
+    """An approximate faiss inverted-file index over the bank keys with the tile interface of :class:`_Bank`."""
+
+    def __init__(self, keys: np.ndarray, similarity: str, device: torch.device, n_probe: int):
+        try:
+            import faiss
+        except ImportError as err:
+            raise ImportError(
+                "index='faiss-ivf' needs faiss: `pip install faiss-cpu` (or `pip install 'sthist[faiss]'`); "
+                "or use the exact search, index='exact'."
+            ) from err
+        self.similarity = similarity
+        self.device = device
+        self.tq = 4096
+        self.n = keys.shape[0]
+        self.keys = keys
+        x = np.ascontiguousarray(keys, dtype=np.float32)
+        if similarity == "cosine":
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        n_list = int(max(1, min(np.sqrt(self.n), self.n // 39)))
+        quantizer = faiss.IndexFlatIP(x.shape[1])
+        self.index = faiss.IndexIVFFlat(quantizer, x.shape[1], n_list, faiss.METRIC_INNER_PRODUCT)
+        # k-means on an evenly spaced sample of at most 128 keys per list (deterministic)
+        step = max(1, self.n // (128 * n_list))
+        self.index.train(x[::step])
+        self.index.add(x)
+        self.index.nprobe = min(n_probe, n_list)
+        self.n_list = n_list
+
+
+def _search_tile(q: torch.Tensor, bank: _Bank | _FaissBank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k similarities and bank indices of one query tile, exact (:class:`_Bank`) or approximate (faiss)."""
+    if isinstance(bank, _Bank):
+        return _topk_tile(q, bank, k)
+    x = q.float().cpu().numpy()
+    if bank.similarity == "cosine":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sims, idx = bank.index.search(np.ascontiguousarray(x), k)
+    if (idx < 0).any():
+        # fewer than k keys in the visited lists: fill from an exact search of those rows (rare; small n_probe)
+        rows = np.flatnonzero((idx < 0).any(axis=1))
+        exact = _Bank(bank.keys, bank.similarity, torch.device("cpu"))
+        s2, i2 = _topk_tile(q[torch.as_tensor(rows, device=q.device)].float().cpu(), exact, k)
+        sims[rows], idx[rows] = s2.numpy(), i2.numpy()
+    return torch.from_numpy(sims).to(q.device), torch.from_numpy(idx).to(q.device)
+
+
+def _make_bank(keys: np.ndarray, similarity: str, device: torch.device, index: str, n_probe: int):
+    if index not in INDEXES:
+        raise ValueError(f"index={index!r} is not valid; choose one of {list(INDEXES)} ('exact' is the default).")
+    n_probe = check_int("n_probe", n_probe)
+    if index == "exact":
+        return _Bank(keys, similarity, device)
+    return _FaissBank(keys, similarity, device, n_probe)
+
+
 def _query_tiles(query: np.ndarray, chunk_size: int, bank: _Bank):
     """Yield (start, tensor) query tiles; ``chunk_size`` rows are moved to the device at a time."""
     step = max(bank.tq, -(-chunk_size // bank.tq) * bank.tq)
@@ -153,8 +216,13 @@ def topk_search(
     similarity: Literal["cosine", "dot"] = "cosine",
     chunk_size: int = 4096,
     device: str | torch.device | None = None,
+    index: Literal["exact", "faiss-ivf"] = "exact",
+    n_probe: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Find the k most similar bank entries of every query, best first.
+
+    ``index="faiss-ivf"`` searches approximately with faiss (``n_probe`` inverted lists per query); see the module
+    docstring.
 
     Returns
     -------
@@ -162,12 +230,12 @@ def topk_search(
     """
     query, keys, k, chunk_size = _check_common(query, keys, k, similarity, chunk_size)
     dev = _retrieval_device(device)
-    bank = _Bank(keys, similarity, dev)
+    bank = _make_bank(keys, similarity, dev, index, n_probe)
     sims = np.empty((query.shape[0], k), dtype=np.float32)
     idx = np.empty((query.shape[0], k), dtype=np.int64)
     with torch.inference_mode():
         for s, q in _query_tiles(query, chunk_size, bank):
-            v, i = _topk_tile(q, bank, k)
+            v, i = _search_tile(q, bank, k)
             sims[s : s + v.shape[0]] = v.cpu().numpy()
             idx[s : s + v.shape[0]] = i.cpu().numpy()
     return sims, idx
@@ -197,6 +265,8 @@ def retrieve(
     chunk_size: int = 4096,
     device: str | torch.device | None = None,
     progress: bool = False,
+    index: Literal["exact", "faiss-ivf"] = "exact",
+    n_probe: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict profiles of the queries from the k nearest bank entries.
 
@@ -223,6 +293,10 @@ def retrieve(
         ``None`` picks cuda, then mps, then cpu.
     progress
         Progress bar over query chunks.
+    index
+        ``"exact"`` (default) or ``"faiss-ivf"`` (approximate, needs faiss; see the module docstring).
+    n_probe
+        Inverted lists visited per query with ``index="faiss-ivf"`` (more: slower, closer to exact).
 
     Returns
     -------
@@ -236,7 +310,7 @@ def retrieve(
         raise ValueError(f"weighting={weighting!r} is not valid; choose one of {list(WEIGHTINGS)}.")
     temperature = check_float("temperature", temperature, minimum=0.0, strict=True)
     dev = _retrieval_device(device)
-    bank = _Bank(keys, similarity, dev)
+    bank = _make_bank(keys, similarity, dev, index, n_probe)
     keys_host = torch.from_numpy(keys)
     values_host = torch.from_numpy(values)
     n, g = query.shape[0], values.shape[1]
@@ -248,7 +322,7 @@ def retrieve(
         for s, q in progress_bar(
             _query_tiles(query, chunk_size, bank), enabled=progress, total=n_tiles, desc="retrieving", leave=False
         ):
-            sims, idx = _topk_tile(q, bank, k)
+            sims, idx = _search_tile(q, bank, k)
             for r in range(0, q.shape[0], rows):
                 sl = slice(r, r + rows)
                 w = _weights(sims[sl], idx[sl], q[sl], keys_host, weighting, temperature, dev)

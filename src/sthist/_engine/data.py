@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ._utils import autocast
 from .encoders import images_to_tensor
 from .methods._base import Batch
 
@@ -34,22 +36,26 @@ class FeatureScaler(nn.Module):
         return (x - self.mean) / self.std
 
 
-def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random flips, rotations by multiples of 90 degrees and mild colour jitter of (B, 3, H, W) images in [0, 1].
+def draw_augmentation(n: int, generator: torch.Generator, *, square: bool = True) -> dict[str, torch.Tensor]:
+    """Draw the random numbers of :func:`augment_images` for ``n`` images (CPU tensors, in a fixed order).
 
-    Flips and rotations as in BLEEP's ``dataset.py``; colour jitter (brightness, contrast, saturation, each by a
-    factor in [0.9, 1.1]) mimics stain and scanner variation. Random numbers come from ``generator`` (CPU), so
-    augmentation is repeatable for a seed.
+    Drawing and applying are separate so that data-parallel training can draw for the whole global batch on every
+    process (the same generator state everywhere) and apply only the rows of the local shard.
     """
-    b = x.shape[0]
-    dev = x.device
-    hflip = (torch.rand(b, generator=generator) < 0.5).to(dev)
-    vflip = (torch.rand(b, generator=generator) < 0.5).to(dev)
-    square = x.shape[-1] == x.shape[-2]
+    hflip = torch.rand(n, generator=generator) < 0.5
+    vflip = torch.rand(n, generator=generator) < 0.5
     rot = (
-        torch.randint(0, 4, (b,), generator=generator) if square else torch.randint(0, 2, (b,), generator=generator) * 2
+        torch.randint(0, 4, (n,), generator=generator) if square else torch.randint(0, 2, (n,), generator=generator) * 2
     )
-    jitter = (torch.rand(b, 3, generator=generator) * 0.2 + 0.9).to(dev)
+    jitter = torch.rand(n, 3, generator=generator) * 0.2 + 0.9
+    return {"hflip": hflip, "vflip": vflip, "rot": rot, "jitter": jitter}
+
+
+def apply_augmentation(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply flips, rotations and colour jitter drawn by :func:`draw_augmentation` to (B, 3, H, W) images in [0, 1]."""
+    dev = x.device
+    hflip, vflip = params["hflip"].to(dev), params["vflip"].to(dev)
+    rot, jitter = params["rot"], params["jitter"].to(dev)
     x = torch.where(hflip.view(-1, 1, 1, 1), x.flip(-1), x)
     x = torch.where(vflip.view(-1, 1, 1, 1), x.flip(-2), x)
     out = x.clone()
@@ -63,6 +69,102 @@ def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     lum = x.mean(dim=1, keepdim=True)
     x = (x - lum) * jitter[:, 2].view(-1, 1, 1, 1) + lum  # saturation
     return x.clamp(0.0, 1.0)
+
+
+def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random flips, rotations by multiples of 90 degrees and mild colour jitter of (B, 3, H, W) images in [0, 1].
+
+    Flips and rotations as in BLEEP's ``dataset.py``; colour jitter (brightness, contrast, saturation, each by a
+    factor in [0.9, 1.1]) mimics stain and scanner variation. Random numbers come from ``generator`` (CPU), so
+    augmentation is repeatable for a seed.
+    """
+    params = draw_augmentation(x.shape[0], generator, square=x.shape[-1] == x.shape[-2])
+    return apply_augmentation(x, params)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# patch arrays: numpy in memory, or lazy (dask, zarr) read by rows
+
+
+def is_lazy_array(array: Any) -> bool:
+    """Whether ``array`` is a dask or zarr array (or another chunked store) rather than a numpy array."""
+    if isinstance(array, np.ndarray):
+        return False
+    root = type(array).__module__.split(".", 1)[0]
+    return root in _LAZY_MODULES and all(hasattr(array, a) for a in ("shape", "dtype", "ndim", "__getitem__"))
+
+
+_LAZY_MODULES = ("dask", "zarr", "h5py")
+
+
+def row_chunks(array: Any) -> np.ndarray | None:
+    """Row boundaries ``[0, ..., n]`` of the storage chunks along axis 0, or ``None`` for in-memory arrays."""
+    if not is_lazy_array(array):
+        return None
+    n = int(array.shape[0])
+    chunks = getattr(array, "chunks", None)
+    if not chunks:
+        return None
+    first = chunks[0]
+    if isinstance(first, tuple | list):  # dask: the size of every chunk
+        return np.concatenate([[0], np.cumsum(first)]).astype(np.int64)
+    step = max(int(first), 1)  # zarr / h5py: one chunk shape
+    return np.unique(np.append(np.arange(0, n, step), n)).astype(np.int64)
+
+
+def _materialise(block: Any, scheduler: str | None) -> np.ndarray:
+    if hasattr(block, "compute"):
+        block = block.compute(scheduler=scheduler) if scheduler else block.compute()
+    return np.asarray(block)
+
+
+def read_rows(array: Any, idx: np.ndarray | slice, *, scheduler: str | None = None) -> np.ndarray:
+    """Read rows of a numpy, dask or zarr array into a numpy array, touching only the chunks that hold them.
+
+    Parameters
+    ----------
+    array
+        (n, ...) numpy array, dask array or zarr array.
+    idx
+        A slice, or integer positions in any order (repeats allowed).
+    scheduler
+        dask scheduler for the read (``"synchronous"`` inside data-loader workers); ignored for other arrays.
+
+    Returns
+    -------
+    A numpy array with the rows in the order of ``idx``.
+    """
+    if isinstance(idx, slice):
+        return _materialise(array[idx], scheduler)
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    if isinstance(array, np.ndarray):
+        return array[idx]
+    if idx.size == 0:
+        return np.empty((0, *array.shape[1:]), dtype=array.dtype)
+    uniq, inv = np.unique(idx, return_inverse=True)
+    if uniq[-1] - uniq[0] + 1 == uniq.size:  # consecutive rows: one slice
+        rows = _materialise(array[int(uniq[0]) : int(uniq[-1]) + 1], scheduler)
+    elif hasattr(array, "oindex"):  # zarr: orthogonal selection reads only the chunks touched
+        rows = np.asarray(array.oindex[uniq])
+    else:  # dask, h5py: sorted unique positions
+        rows = _materialise(array[uniq], scheduler)
+    return rows if uniq.size == idx.size and np.array_equal(uniq, idx) else rows[inv.reshape(-1)]
+
+
+def batch_image_rows(idx: np.ndarray, neighbors: np.ndarray | None, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    """The spots whose images a batch needs (the spots ``idx`` and their neighbours) and where each sits.
+
+    Returns ``rows`` (positions, each once: ``idx`` itself without neighbours, else sorted) and ``inv`` with
+    ``rows[inv] == concatenate([idx, valid neighbours])``. One forward pass encodes ``rows``.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if not n_neighbors:
+        return idx, np.arange(idx.size)
+    if neighbors is None:
+        raise ValueError("this method needs spatial neighbours: pass coords=.")
+    nb = neighbors[idx, :n_neighbors]
+    rows, inv = np.unique(np.concatenate([idx, nb[nb >= 0]]), return_inverse=True)
+    return rows, inv.reshape(-1)
 
 
 def spatial_neighbors(coords: np.ndarray, groups: np.ndarray | None, k: int) -> np.ndarray:
@@ -149,14 +251,15 @@ class SpotData:
         self.groups = None if groups is None else torch.as_tensor(groups, dtype=torch.int64).to(device)
         self.neighbors = neighbors
 
-    def _features(self, idx: np.ndarray, encoder, scaler, augment) -> torch.Tensor:
+    def _features(self, rows: np.ndarray, encoder, scaler, augment) -> torch.Tensor:
         if self.features is not None:
-            f = self.features[torch.as_tensor(idx, device=self.device)]
+            f = self.features[torch.as_tensor(rows, device=self.device)]
         else:
-            x = images_to_tensor(self.images[idx], self.device)
+            x = images_to_tensor(read_rows(self.images, rows), self.device)
             if augment is not None:
                 x = augment(x)
-            f = encoder(x)
+            with autocast(self.device):  # bf16 on CUDA, as in training
+                f = encoder(x).float()
         return f if scaler is None else scaler(f)
 
     def make_batch(
@@ -168,18 +271,23 @@ class SpotData:
         augment: Callable | None = None,
         n_neighbors: int = 0,
         with_expression: bool = True,
+        row_features: torch.Tensor | None = None,
     ) -> Batch:
-        """Gather the spots ``idx`` (and their neighbours when ``n_neighbors``) into a :class:`Batch`."""
+        """Gather the spots ``idx`` (and their neighbours when ``n_neighbors``) into a :class:`Batch`.
+
+        ``row_features`` are image features of the rows of :func:`batch_image_rows` computed by the caller (e.g. by
+        a data-parallel encoder); otherwise they are computed here from ``features`` or ``images``.
+        """
         idx = np.asarray(idx, dtype=np.int64)
         t_idx = torch.as_tensor(idx, device=self.device)
+        if n_neighbors and self.neighbors is None:
+            raise ValueError("this method needs spatial neighbours: pass coords=.")
+        # the spots and their neighbours are encoded together (one forward pass, augmentation per image)
+        rows, inv = batch_image_rows(idx, self.neighbors, n_neighbors)
+        feats_all = self._features(rows, encoder, scaler, augment) if row_features is None else row_features
         nb = None
         if n_neighbors:
-            if self.neighbors is None:
-                raise ValueError("this method needs spatial neighbours: pass coords=.")
             nb = self.neighbors[idx, :n_neighbors]
-            # encode the spots and their neighbours together (one forward pass, augmentation per image)
-            uniq, inv = np.unique(np.concatenate([idx, nb[nb >= 0]]), return_inverse=True)
-            feats_all = self._features(uniq, encoder, scaler, augment)
             feats = feats_all[torch.as_tensor(inv[: idx.size], device=self.device)]
             mask = nb >= 0
             pos = np.zeros(nb.shape, dtype=np.int64)
@@ -188,7 +296,7 @@ class SpotData:
             t_mask = torch.as_tensor(mask, device=self.device)
             nb_feats = nb_feats * t_mask.unsqueeze(-1).to(nb_feats.dtype)
         else:
-            feats = self._features(idx, encoder, scaler, augment)
+            feats = feats_all
         batch = Batch(
             img_feats=feats,
             expression=self.expression[t_idx] if (with_expression and self.expression is not None) else None,
@@ -206,6 +314,52 @@ class SpotData:
             if with_expression and self.expression is not None:
                 batch.neighbor_expression = self.expression[t_nb] * t_mask.unsqueeze(-1)
         return batch
+
+
+class PatchBatches(torch.utils.data.Dataset):
+    """uint8 patches of whole batches, for a :class:`torch.utils.data.DataLoader` whose workers read them.
+
+    Item ``(tag, idx)`` (a batch of spot positions, as yielded by the sampler) gives
+    ``{"tag": tag, "idx": idx, "images": uint8 (m, S, S, 3)}``: the images of the batch's rows
+    (:func:`batch_image_rows`), or of this process's shard of them in data-parallel training (``shard(n_rows)``
+    returns the positions into the rows, see :func:`sthist._engine.distributed.shard_positions`).
+    """
+
+    def __init__(
+        self,
+        images: Any,
+        *,
+        neighbors: np.ndarray | None = None,
+        n_neighbors: int = 0,
+        shard: Callable[[int], np.ndarray] | None = None,
+    ):
+        self.images = images
+        self.neighbors = neighbors
+        self.n_neighbors = int(n_neighbors)
+        self.shard = shard
+        self.lazy = is_lazy_array(images)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, item):
+        tag, idx = item
+        rows, _ = batch_image_rows(idx, self.neighbors, self.n_neighbors)
+        if self.shard is not None:
+            rows = rows[self.shard(rows.size)]
+        in_worker = torch.utils.data.get_worker_info() is not None
+        imgs = read_rows(self.images, rows, scheduler="synchronous" if (self.lazy and in_worker) else None)
+        return {"tag": tag, "idx": np.asarray(idx, dtype=np.int64), "images": np.ascontiguousarray(imgs)}
+
+
+class BatchSampler(torch.utils.data.Sampler):
+    """Yields ``(tag, idx)`` items from ``make_batches()``, called anew for every pass (epoch)."""
+
+    def __init__(self, make_batches: Callable[[], Iterator[tuple[str, np.ndarray]]]):
+        self.make_batches = make_batches
+
+    def __iter__(self):
+        return iter(self.make_batches())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -517,33 +517,72 @@ def _probe_out_dim(model: nn.Module, cfg: dict, input_size: int | None) -> int:
 # encoding patches
 
 
-def check_patches(patches: Any, *, name: str = "patches") -> np.ndarray:
-    """Return ``patches`` as a uint8 array (n, H, W, 3), raising with the fix otherwise."""
-    if not isinstance(patches, np.ndarray):
+def check_patches(patches: Any, *, name: str = "patches") -> Any:
+    """Check that ``patches`` are uint8 RGB patches (n, H, W, 3) and return them unchanged.
+
+    numpy arrays and lazy arrays (dask, zarr, e.g. from ``sthist.pp.extract_patches(..., store=...)``) are accepted;
+    only shape and dtype are checked, so a lazy array is not read.
+    """
+    from .data import is_lazy_array
+
+    if not isinstance(patches, np.ndarray) and not is_lazy_array(patches):
         raise TypeError(
-            f"{name} must be a numpy array of shape (n, S, S, 3) and dtype uint8, got {type(patches).__name__}."
+            f"{name} must be a numpy, dask or zarr array of shape (n, S, S, 3) and dtype uint8, "
+            f"got {type(patches).__name__}."
         )
-    if patches.ndim != 4 or patches.shape[-1] != 3:
-        raise ValueError(f"{name} must have shape (n, S, S, 3) (RGB patches), got {patches.shape}.")
-    if patches.dtype != np.uint8:
+    shape = tuple(int(v) for v in patches.shape)
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (n, S, S, 3) (RGB patches), got {shape}.")
+    if np.dtype(patches.dtype) != np.uint8:
         raise ValueError(
             f"{name} must have dtype uint8 (0-255 RGB), got {patches.dtype}; "
             "convert with `(patches * 255).round().clip(0, 255).astype(np.uint8)` if they are floats in [0, 1]."
         )
-    if patches.shape[0] == 0:
+    if shape[0] == 0:
         raise ValueError(f"{name} holds no patches.")
     return patches
 
 
-def images_to_tensor(patches: np.ndarray, device: torch.device):
-    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [0, 1] on ``device``."""
-    x = torch.from_numpy(np.ascontiguousarray(patches)).to(device)
+def images_to_tensor(patches: np.ndarray | torch.Tensor, device: torch.device, *, non_blocking: bool = False):
+    """uint8 (n, H, W, 3) (numpy array or tensor) -> float (n, 3, H, W) in [0, 1] on ``device``.
+
+    The result is a permuted view of the channels-last uint8 layout, i.e. already in ``torch.channels_last`` memory
+    format. ``non_blocking`` copies asynchronously from pinned memory.
+    """
+    x = patches if isinstance(patches, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(patches))
+    x = x.to(device, non_blocking=non_blocking)
     return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _row_blocks(patches: Any, batch_size: int):
+    """Yield ``(start, stop, rows)`` for consecutive batches of ``batch_size`` rows.
+
+    Lazy arrays are read one storage chunk (or more, up to a batch) at a time, so peak memory is O(chunk + batch),
+    and every chunk is read once.
+    """
+    from .data import read_rows, row_chunks
+
+    n = int(patches.shape[0])
+    bounds = row_chunks(patches)
+    if bounds is None:  # in memory: views
+        for start in range(0, n, batch_size):
+            yield start, min(start + batch_size, n), patches[start : start + batch_size]
+        return
+    block, b0, b1 = None, 0, 0  # rows [b0, b1) are held in block
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if stop > b1:
+            new_stop = int(bounds[np.searchsorted(bounds, stop, side="left")])  # next chunk boundary >= stop
+            fresh = read_rows(patches, slice(b1, new_stop))
+            # batches are consecutive (b1 >= start): keep the unused tail of the old block
+            block = fresh if block is None or b1 <= start else np.concatenate([block[start - b0 :], fresh])
+            b0, b1 = start, new_stop
+        yield start, stop, block[start - b0 : stop - b0]
 
 
 def encode_patches(
     encoder,
-    patches: np.ndarray,
+    patches: Any,
     *,
     batch_size: int = 64,
     device: str | torch.device | None = None,
@@ -556,7 +595,8 @@ def encode_patches(
     encoder
         An :class:`ImageEncoder` from :func:`build_image_encoder`.
     patches
-        uint8 array (n, S, S, 3).
+        uint8 array (n, S, S, 3): numpy, or a dask / zarr array that is read one storage chunk at a time (never
+        loaded whole).
     batch_size
         Patches per forward pass.
     device
@@ -575,15 +615,17 @@ def encode_patches(
     dev = resolve_device(device)
     was_training = encoder.training
     encoder = encoder.to(dev).eval()
-    out = np.empty((patches.shape[0], encoder.out_dim), dtype=np.float32)
+    n = int(patches.shape[0])
+    out = np.empty((n, encoder.out_dim), dtype=np.float32)
+    bar = progress_bar(total=n, enabled=progress, desc=f"encoding ({encoder.spec})", leave=False)
     try:
         with torch.inference_mode(), autocast(dev):
-            for start in progress_bar(
-                range(0, patches.shape[0], batch_size), enabled=progress, desc=f"encoding ({encoder.spec})", leave=False
-            ):
-                x = images_to_tensor(patches[start : start + batch_size], dev)
-                out[start : start + x.shape[0]] = encoder(x).float().cpu().numpy()
+            for start, stop, rows in _row_blocks(patches, batch_size):
+                x = images_to_tensor(rows, dev)
+                out[start:stop] = encoder(x).float().cpu().numpy()
+                bar.update(stop - start)
     finally:
+        bar.close()
         encoder.train(was_training)
     if not np.isfinite(out).all():
         raise FloatingPointError(f"encoder {encoder.spec!r} produced NaN or infinite features; check the patches.")

@@ -265,7 +265,10 @@ class ContrastiveModel:
         device: str | None = None,
         progress: bool = False,
     ) -> np.ndarray:
-        """Joint-space embeddings (n, p) of spots from their patches (``images``) or encoder ``features``."""
+        """Joint-space embeddings (n, p) of spots from their patches (``images``) or encoder ``features``.
+
+        ``images`` may be a numpy, dask or zarr array (uint8, (n, S, S, 3)); lazy arrays are read batch by batch.
+        """
         batch_size = check_int("batch_size", batch_size)
         dev = self._to(device)
         data = self._spot_data(images, features, coords, groups, dev, progress, batch_size)
@@ -338,7 +341,9 @@ class ContrastiveModel:
         Parameters
         ----------
         images, features
-            uint8 patches (n, S, S, 3) or encoder features (n, d); exactly one.
+            uint8 patches (n, S, S, 3) or encoder features (n, d); exactly one. ``images`` may be a numpy, dask or
+            zarr array (e.g. from ``sthist.pp.extract_patches(..., store=...)``); lazy arrays are read batch by batch
+            (fine-tuned models) or one storage chunk at a time (frozen encoders), never loaded whole.
         coords, groups
             Spot coordinates (n, 2) and section labels (n,), for methods that use them.
         k

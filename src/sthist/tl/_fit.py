@@ -104,6 +104,8 @@ def fit_contrastive(
     method_kwargs: dict[str, Any] | None = None,
     save_dir: str | Path | None = None,
     key_added: str = C.CONTRASTIVE_KEY,
+    num_workers: int | None = None,
+    compile: bool = False,
 ):
     """Fit a contrastive model that aligns H&E patches with expression profiles.
 
@@ -166,6 +168,13 @@ def fit_contrastive(
         :func:`sthist.tl.predict_expression` finds it in a later session.
     key_added
         Key of the outputs in ``adata.obsm`` and ``adata.uns``.
+    num_workers
+        Fine-tuning: background processes that read the patches of the next batches (and decompress them when
+        ``adata.obsm[patches_key]`` is a lazy zarr-backed array). ``None``: none on a CPU, up to 8 per GPU on CUDA.
+    compile
+        Fine-tuning: compile the image encoder with :func:`torch.compile` (slow first steps, faster long GPU runs).
+        On CUDA, bf16 autocast, ``channels_last`` memory format (convolutional encoders) and pinned memory are
+        automatic. Several GPUs: launch the script with ``torchrun`` (see the docs page "Training on GPUs").
 
     Returns
     -------
@@ -265,9 +274,13 @@ def fit_contrastive(
         random_state=random_state,
         progress=progress,
         method_kwargs=method_kwargs,
+        num_workers=num_workers,
+        compile=compile,
         **kwargs,
     )
-    patch_params = adata.uns.get(patches_key, {}).get("params", {}) if isinstance(adata.uns.get(patches_key), dict) else {}
+    patch_params = (
+        adata.uns.get(patches_key, {}).get("params", {}) if isinstance(adata.uns.get(patches_key), dict) else {}
+    )
     model.config["patches"] = {k: v for k, v in dict(patch_params).items() if k in {"patch_size", "mpp", "pad_value"}}
     img_kw = {"images": patches} if finetune else {"features": feats}
     img_emb = model.embed_images(**img_kw, coords=coords, groups=groups, device=device)
@@ -295,6 +308,8 @@ def fit_contrastive(
         "validation_fraction": validation_fraction,
         "early_stopping_patience": early_stopping_patience,
         "random_state": random_state,
+        "num_workers": model.config["training"].get("num_workers", 0),
+        "compile": bool(compile),
         "config": model.config.get("method_config", {}),
     }
     adata.uns[key_added] = _h5ad_safe(

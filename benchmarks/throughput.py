@@ -1,0 +1,297 @@
+"""Benchmark: fine-tuning and prediction throughput against the encoder's own forward-backward ceiling.
+
+Side by side, in one run, interleaved over ``--repeats`` rounds (medians reported), in patches per second:
+
+- ``ceiling``: forward + backward + AdamW step of the image encoder and BLEEP's heads and loss on random tensors
+  that are already on the device (float images, no reading, no augmentation, no copies): the best the training
+  loop can do;
+- ``train_numpy`` / ``train_zarr``: the real fine-tuning loop of :func:`sthist._engine.train.fit` (the same
+  ``_prepare`` / DataLoader / ``_Trainer.step`` code path): uint8 patches read by rows from a numpy array or from a
+  zarr store on disk (chunks of 256 spots, default compression), copied to the device (pinned, non-blocking on
+  CUDA), augmented there, encoded, BLEEP loss, backward, AdamW step;
+- ``predict_numpy`` / ``predict_zarr``: ``ContrastiveModel.predict(images=...)`` of a fine-tuned model, from patches
+  to predicted expression (encoder, heads and top-50 retrieval from the bank of all spots).
+
+Reported ratio: ``train / ceiling`` (target on a GPU: >= 0.8, i.e. the data pipeline is not the bottleneck).
+
+Patches come from the toy generator (H&E-like, so zarr compression behaves as on real slides), repeated to
+``batch_size * (warmup + steps)`` spots. On CUDA: bf16 autocast, channels_last (convolutional encoders), pinned
+memory and ``--num-workers`` reader processes (default: the engine's automatic choice).
+
+Usage::
+
+    python benchmarks/throughput.py                       # CPU: resnet18, 112 px, batch 32, 1 thread
+    python benchmarks/throughput.py --device cuda         # GPU: resnet50, 224 px, batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_patches(n: int, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` H&E-like uint8 patches and expression (toy data, rows repeated to reach ``n``)."""
+    import sthist as st
+
+    adata = st.datasets.toy(n_rows=16, n_cols=16, n_genes=50, seed=0)
+    st.pp.extract_patches(adata, patch_size=patch_size, progress=False)
+    st.pp.normalize_expression(adata)
+    t = adata.layers["targets"]
+    expr = np.asarray(t.toarray() if hasattr(t, "toarray") else t, dtype=np.float32)
+    rows = np.arange(n) % adata.n_obs
+    return np.ascontiguousarray(np.asarray(adata.obsm["patches"])[rows]), expr[rows]
+
+
+def sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def ceiling_runner(args, dev, image_dim_probe):
+    """A function timing ``args.steps`` optimisation steps on random on-device tensors (after warm-up)."""
+    import torch
+
+    from sthist._engine._utils import autocast
+    from sthist._engine.encoders import build_image_encoder
+    from sthist._engine.methods import get_method
+    from sthist._engine.methods._base import Batch
+
+    enc = build_image_encoder(args.encoder, pretrained=False).to(dev).train()
+    channels_last = dev.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in enc.modules())
+    if channels_last:
+        enc.to(memory_format=torch.channels_last)
+    cls = get_method("bleep")
+    module = cls(enc.out_dim, image_dim_probe, cls.make_config(None)).to(dev).train()
+    opt = torch.optim.AdamW([*enc.parameters(), *module.parameters()], lr=1e-4, weight_decay=1e-3)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    b, s = args.batch_size, args.patch_size
+    x = torch.rand(b, 3, s, s, device=dev, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expr = torch.rand(b, image_dim_probe, device=dev, generator=gen)
+    fwd = torch.compile(enc) if args.compile else enc
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(dev):
+            f = fwd(x)
+            loss, _ = module.loss(Batch(img_feats=f.float(), expression=expr))
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    for _ in range(args.warmup):
+        step()
+    sync(dev)
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(dev)
+        return args.steps * b / (time.perf_counter() - t0)
+
+    return timed
+
+
+def training_runner(args, dev, images, expr):
+    """A function timing one pass of the real fine-tuning loop (``warmup`` untimed batches, then ``steps``)."""
+    from sthist._engine import train
+
+    run = train._prepare(
+        method="bleep",
+        expression=expr,
+        genes=[f"g{i}" for i in range(expr.shape[1])],
+        images=images,
+        features=None,
+        coords=None,
+        groups=None,
+        encoder=args.encoder,
+        pretrained=False,
+        checkpoint=None,
+        finetune=True,
+        max_epochs=1,
+        batch_size=args.batch_size,
+        lr=1e-4,
+        weight_decay=1e-3,
+        validation_fraction=0.0,
+        early_stopping_patience=None,
+        augment=True,
+        device=str(dev),
+        random_state=0,
+        progress=False,
+        method_kwargs=None,
+        num_workers=args.num_workers,
+        compile=args.compile,
+    )
+    epoch = train._loader(run, args.batch_size)
+    trainer = run.trainer
+    trainer.train(True)
+
+    def timed() -> float:
+        t0, n = None, 0
+        for i, (_tag, idx, imgs) in enumerate(epoch()):
+            if i == args.warmup:
+                sync(dev)
+                t0 = time.perf_counter()
+            loss, _ = trainer.step(idx, imgs)
+            float(loss.detach())  # as fit does (loss bookkeeping)
+            if i >= args.warmup:
+                n += idx.size
+        sync(dev)
+        return n / (time.perf_counter() - t0)
+
+    return timed, run.num_workers
+
+
+def fitted_model(args, dev, images, expr):
+    from sthist._engine import train
+
+    return train.fit(
+        method="bleep",
+        expression=expr,
+        genes=[f"g{i}" for i in range(expr.shape[1])],
+        images=images,
+        encoder=args.encoder,
+        finetune=True,
+        max_epochs=1,
+        batch_size=args.batch_size,
+        validation_fraction=0.0,
+        device=str(dev),
+        progress=False,
+        num_workers=0,
+    )
+
+
+def prediction_runner(model, images, dev, batch_size):
+    n = int(images.shape[0])
+    k = min(50, model.bank_embeddings.shape[0])
+
+    def timed() -> float:
+        sync(dev)
+        t0 = time.perf_counter()
+        model.predict(images=images, k=k, device=str(dev), progress=False, batch_size=batch_size)
+        sync(dev)
+        return n / (time.perf_counter() - t0)
+
+    return timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--encoder", default=None, help="timm model (default: resnet18 on CPU, resnet50 on CUDA)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 256 on CUDA")
+    parser.add_argument("--patch-size", type=int, default=None, help="default: 112 on CPU, 224 on CUDA")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: 4 CPU, 30 CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 5 CUDA)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: automatic)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (ceiling and training)")
+    parser.add_argument("--out", default=None, help="JSON path (default: results/throughput_<device>.json)")
+    args = parser.parse_args()
+
+    import torch
+    import zarr
+
+    from sthist._engine._utils import resolve_device
+
+    dev = resolve_device(args.device)
+    gpu = dev.type == "cuda"
+    args.encoder = args.encoder or ("resnet50" if gpu else "resnet18")
+    args.batch_size = args.batch_size or (256 if gpu else 32)
+    args.patch_size = args.patch_size or (224 if gpu else 112)
+    args.steps = args.steps or (30 if gpu else 4)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    torch.set_num_threads(args.threads)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+
+    n = args.batch_size * (args.warmup + args.steps)
+    patches, expr = make_patches(n, args.patch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        z = zarr.open_array(
+            Path(tmp) / "patches.zarr",
+            mode="w",
+            shape=patches.shape,
+            chunks=(256, *patches.shape[1:]),
+            dtype="uint8",
+        )
+        z[:] = patches
+        z = zarr.open_array(Path(tmp) / "patches.zarr", mode="r")
+        zarr_mb = sum(f.stat().st_size for f in (Path(tmp) / "patches.zarr").rglob("*") if f.is_file()) / 1e6
+
+        runners = {"ceiling": ceiling_runner(args, dev, expr.shape[1])}
+        runners["train_numpy"], workers = training_runner(args, dev, patches, expr)
+        runners["train_zarr"], _ = training_runner(args, dev, z, expr)
+        model = fitted_model(args, dev, patches, expr)
+        pred_bs = max(args.batch_size, 256 if gpu else 64)
+        runners["predict_numpy"] = prediction_runner(model, patches, dev, pred_bs)
+        runners["predict_zarr"] = prediction_runner(model, z, dev, pred_bs)
+
+        samples: dict[str, list[float]] = {k: [] for k in runners}
+        for r in range(args.repeats):
+            for name, fn in runners.items():
+                samples[name].append(fn())
+            print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()))
+
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    result = {
+        "benchmark": "throughput",
+        "unit": "patches per second (median over repeats)",
+        "settings": {
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if gpu else platform.processor() or platform.machine(),
+            "encoder": args.encoder,
+            "pretrained": False,
+            "method": "bleep",
+            "batch_size": args.batch_size,
+            "patch_size": args.patch_size,
+            "timed_steps": args.steps,
+            "warmup_steps": args.warmup,
+            "repeats": args.repeats,
+            "num_workers": workers,
+            "torch_threads": torch.get_num_threads(),
+            "bf16_autocast": gpu,
+            "channels_last": gpu,
+            "pin_memory": gpu,
+            "compile": bool(args.compile),
+            "n_spots": n,
+            "zarr_store_mb": round(zarr_mb, 2),
+            "zarr_chunk_rows": 256,
+            "prediction_batch_size": pred_bs,
+            "prediction_k": min(50, n),
+        },
+        "median": {k: round(v, 2) for k, v in med.items()},
+        "samples": {k: [round(x, 2) for x in v] for k, v in samples.items()},
+        "ratio_to_ceiling": {
+            "train_numpy": round(med["train_numpy"] / med["ceiling"], 3),
+            "train_zarr": round(med["train_zarr"] / med["ceiling"], 3),
+        },
+        "target": "train / ceiling >= 0.8 on a GPU",
+        "platform": {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()},
+        "versions": {p: version(p) for p in ("sthist", "torch", "timm", "zarr", "numpy")},
+    }
+    out = Path(args.out) if args.out else HERE / "results" / f"throughput_{dev.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"median": result["median"], "ratio_to_ceiling": result["ratio_to_ceiling"]}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

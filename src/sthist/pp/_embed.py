@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -10,6 +11,7 @@ from .. import _constants as C
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_positive_int
+from ._store import ENCODE_BLOCK, check_store, create_embedding_store, iter_blocks, open_embeddings, remove_store
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -33,7 +35,7 @@ def default_key(encoder: str) -> str:
 
 def encode(
     adata: AnnData,
-    patches: np.ndarray,
+    patches: Any,
     *,
     encoder: str,
     pretrained: bool,
@@ -42,12 +44,30 @@ def encode(
     batch_size: int = 64,
     device: str | None = None,
     progress: bool = True,
-) -> tuple[np.ndarray, dict]:
-    """Embed ``patches`` with an encoder; return the embeddings and the params recorded in ``uns``."""
+    out: Any = None,
+) -> tuple[Any, dict]:
+    """Embed ``patches`` with an encoder; return the embeddings and the params recorded in ``uns``.
+
+    ``patches`` may be a numpy array or a lazy one (dask, zarr): it is read and encoded a block of
+    :data:`~sthist.pp._store.ENCODE_BLOCK` spots (a multiple of ``batch_size``) at a time, so the forward passes
+    see the same batches whatever the storage. ``out``, a function of the encoder's output width ``d`` returning an
+    (n, d) float32 array-like (e.g. a zarr array), receives the embeddings block by block; by default a numpy array
+    is allocated.
+    """
+    from tqdm.auto import tqdm
+
     from .._engine.encoders import build_image_encoder, encode_patches
 
     enc = build_image_encoder(encoder, pretrained=pretrained, checkpoint=checkpoint)
-    emb = encode_patches(enc, patches, batch_size=batch_size, device=device, progress=progress)
+    n = int(patches.shape[0])
+    out = np.empty((n, int(enc.out_dim)), dtype=np.float32) if out is None else out(int(enc.out_dim))
+    rows = block_rows(batch_size)
+    with tqdm(total=n, desc=f"encoding ({encoder})", unit="spot", disable=not progress, leave=False) as bar:
+        for s, block in iter_blocks(patches, rows):
+            out[s : s + block.shape[0]] = encode_patches(
+                enc, np.ascontiguousarray(block), batch_size=batch_size, device=device, progress=False
+            )
+            bar.update(block.shape[0])
     params = {
         "encoder": encoder,
         "pretrained": bool(enc.pretrained),
@@ -56,7 +76,12 @@ def encode(
         "patches_key": patches_key,
         **_patch_geometry(adata, patches_key),
     }
-    return emb, params
+    return out, params
+
+
+def block_rows(batch_size: int) -> int:
+    """Spots encoded per block: about ``ENCODE_BLOCK``, a multiple of ``batch_size``."""
+    return batch_size * max(1, ENCODE_BLOCK // batch_size)
 
 
 @inject_docs
@@ -70,10 +95,16 @@ def embed_patches(
     key_added: str | None = None,
     batch_size: int = 64,
     device: str | None = None,
+    store: str | os.PathLike | None = None,
+    overwrite: bool = False,
     progress: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed the H&E patch of every spot with an image encoder.
+
+    The patches are read and encoded a block of about 512 spots at a time, so patches held lazily
+    (``extract_patches(store=...)``: a dask array over a zarr store) are never loaded whole. The embeddings are
+    small (n_obs x out_dim float32) and are kept in memory unless ``store`` is given.
 
     Parameters
     ----------
@@ -98,6 +129,11 @@ def embed_patches(
         Patches per forward pass.
     device
         Torch device; ``None`` picks cuda, then mps, then cpu.
+    store
+        A path ending in ``.zarr`` (created) to write the embeddings to, as float32 array ``'embeddings'``
+        (Blosc-zstd); ``obsm[key_added]`` is then a dask array over it. ``None`` keeps them in memory.
+    overwrite
+        Replace an existing zarr store at ``store``.
     {progress}
     {copy}
 
@@ -106,9 +142,10 @@ def embed_patches(
     ``None``, or a copy of ``adata`` if ``copy=True``, with
 
     ``adata.obsm['X_<encoder>' | key_added]``
-        float32 (n_obs, out_dim) embeddings.
+        float32 (n_obs, out_dim) embeddings: numpy, or with ``store`` a dask array.
     ``adata.uns['X_<encoder>' | key_added]['params']``
-        ``encoder``, ``pretrained``, ``checkpoint`` (``""`` when none), ``out_dim`` and ``patches_key``.
+        ``encoder``, ``pretrained``, ``checkpoint`` (``""`` when none), ``out_dim``, ``patches_key`` and
+        ``store`` (only with ``store``).
 
     Examples
     --------
@@ -130,20 +167,31 @@ def embed_patches(
         raise ValueError(
             f"encoder must be a non-empty string such as {DEFAULT_ENCODER!r} or 'resnet50', got {encoder!r}."
         )
-    patches = np.asarray(adata.obsm[patches_key])
-    if patches.ndim != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8:
+    patches = adata.obsm[patches_key]
+    if not hasattr(patches, "dtype") or not hasattr(patches, "shape"):
+        patches = np.asarray(patches)
+    if len(patches.shape) != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8:
         raise ValueError(
             f"adata.obsm[{patches_key!r}] must hold uint8 RGB patches of shape (n_obs, S, S, 3), got "
             f"{patches.dtype} {patches.shape}; recreate them with `sthist.pp.extract_patches(adata)`."
         )
+    store_path = check_store(store, overwrite=overwrite)
+    if store_path is not None:
+        source = (
+            (adata.uns.get(patches_key) or {}).get("params", {}).get("store")
+            if isinstance(adata.uns.get(patches_key), dict)
+            else None
+        )
+        if source and os.path.abspath(str(source)) == str(store_path):
+            raise ValueError(
+                f"store={str(store)!r} holds the patches being embedded; write the embeddings to another store."
+            )
 
     if key_added is None:
         key_added = default_key(encoder)
     start = info(f"embedding {patches.shape[0]} patches with {encoder!r}")
     # build and run the encoder before touching adata, so that errors leave it unchanged
-    emb, params = encode(
-        adata,
-        patches,
+    kwargs = dict(
         encoder=encoder,
         pretrained=pretrained,
         checkpoint=checkpoint,
@@ -152,6 +200,10 @@ def embed_patches(
         device=device,
         progress=progress,
     )
+    if store_path is None:
+        emb, params = encode(adata, patches, **kwargs)
+    else:
+        emb, params = _encode_to_store(adata, patches, store_path, kwargs)
 
     adata = adata.copy() if copy else adata
     adata.obsm[key_added] = emb
@@ -162,3 +214,21 @@ def embed_patches(
         deep=f"added\n    {key_added!r}, embeddings (adata.obsm)\n    {key_added!r}, parameters (adata.uns)",
     )
     return adata if copy else None
+
+
+def _encode_to_store(adata: AnnData, patches: Any, path: Any, kwargs: dict) -> tuple[Any, dict]:
+    """Encode into a new zarr store at ``path`` (removed again on failure); return a dask array over it."""
+    rows = block_rows(kwargs["batch_size"])
+    remove_store(path)  # check_store allowed it (overwrite=True) or it does not exist
+    try:
+        _, params = encode(
+            adata,
+            patches,
+            out=lambda d: create_embedding_store(path, n=int(patches.shape[0]), d=d, rows=rows),
+            **kwargs,
+        )
+    except BaseException:
+        remove_store(path)
+        raise
+    params["store"] = str(path)
+    return open_embeddings(path), params

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from .. import _constants as C
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_positive_int, check_spatial, resolve_library
+from . import _store
 from ._image import ImageSource, open_image
 
 if TYPE_CHECKING:
@@ -183,6 +185,9 @@ def extract_patches(
     spatial_key: str = C.SPATIAL_KEY,
     pad_value: int = 255,
     key_added: str = C.PATCHES_KEY,
+    store: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    n_jobs: int = 1,
     progress: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
@@ -205,6 +210,13 @@ def extract_patches(
     JPEG and PNG are decoded once per library; tiled / pyramidal TIFF and OME-TIFF are read tile by tile at
     level 0 (spots are visited in tile order), whole-slide formats through openslide, so large slides are never
     decoded whole. Nothing is written into ``adata`` unless every spot was extracted.
+
+    Cohorts that do not fit in memory: with ``store="patches.zarr"`` the patches are written to a chunked,
+    compressed zarr store (one uint8 array per library, chunks of 512 spots, Blosc-zstd) a few chunks at a time, and
+    ``obsm[key_added]`` becomes a dask array over it (lazy; every sthist step reads it chunk by chunk). Memory stays
+    at about 256 MB of patches plus the image reader's tile cache (128 MB) per process, whatever the number of spots.
+    Keep the spots of a library contiguous in ``obs`` (e.g. concatenate sections): then the dask array is a plain
+    concatenation of the library arrays; otherwise it is re-indexed into ``obs`` order, which reads more chunks.
 
     Parameters
     ----------
@@ -231,7 +243,20 @@ def extract_patches(
         Grey value (0-255) of the pixels of patches that reach beyond the image.
     key_added
         Name of the outputs (see Returns).
+    store
+        A path ending in ``.zarr`` (created) to write the patches to instead of memory; ``None`` keeps them in
+        memory. Layout: one uint8 array per library (see the docs page "Cohorts that do not fit in memory"). If
+        the extraction fails, the store is removed again.
+    overwrite
+        Replace an existing zarr store at ``store`` (otherwise an existing path raises).
+    n_jobs
+        Processes extracting libraries in parallel (one library per task); ``-1`` uses all cores. Parallel
+        extraction needs every library's image as a file path (``image=`` paths or ``uns['spatial'][library]
+        ['metadata']['source_image_path']``), which each worker opens itself; images held in memory (arrays,
+        ``uns[...]['images']['fullres']``, spatialdata objects) are not copied to workers: then the libraries are
+        extracted one after the other, with a log message. Results are identical to ``n_jobs=1``.
     {progress}
+        With ``n_jobs > 1`` it advances by whole libraries.
     {copy}
 
     Returns
@@ -239,13 +264,14 @@ def extract_patches(
     ``None`` if ``copy=False``, else a copy of ``adata`` holding:
 
     ``adata.obsm['patches' | key_added]``
-        uint8 array (n_obs, S, S, 3) of RGB patches.
+        uint8 array (n_obs, S, S, 3) of RGB patches: numpy, or with ``store`` a dask array reading the store.
     ``adata.obs['patches_at_border' | key_added + '_at_border']``
         bool, whether the patch reached beyond the image edge and was padded with ``pad_value``.
     ``adata.uns['patches' | key_added]['params']``
         ``patch_size``, ``mpp``, ``library_key``, ``library_id`` (libraries used), ``pad_value``, ``spatial_key``,
         and per library: ``source_mpp`` (``None`` when unknown), ``source_patch_size`` (``R``), ``image_source``
-        (which reader read which file or object), plus ``resample`` and ``centre`` (the conventions above).
+        (which reader read which file or object), plus ``resample`` and ``centre`` (the conventions above), and
+        ``store`` (the absolute path of the zarr store, ``None`` in memory).
 
     Examples
     --------
@@ -271,6 +297,8 @@ def extract_patches(
     pad_value = int(pad_value)
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
+    n_jobs = check_n_jobs(n_jobs)
+    store_path = _store.check_store(store, overwrite=overwrite)
     coords = check_spatial(adata, key=spatial_key)
     libs, codes = _resolve_libraries(adata, library_key, library_id, image)
 
@@ -309,15 +337,19 @@ def extract_patches(
                 raise ValueError(_outside_message(adata, lib, idx, coords, (H, W), spatial_key))
             plans.append((lib, src, idx, source_mpp, R))
 
-        from tqdm.auto import tqdm
-
-        patches = np.empty((n, S, S, 3), dtype=np.uint8)
-        border = np.zeros(n, dtype=bool)
-        with tqdm(total=n, desc="patches", unit="spot", disable=not progress) as bar:
-            for lib, src, idx, _source_mpp, R in plans:
-                if len(libs) > 1:
-                    bar.set_postfix_str(f"library {lib}")
-                _extract_library(src, coords[idx], idx, S, R, patches, border, bar)
+        paths = [_image_path(adata, lib, image, image_key) for lib in libs]
+        parallel = n_jobs > 1 and len(libs) > 1 and all(p is not None for p in paths)
+        if n_jobs > 1 and len(libs) > 1 and not parallel:
+            info(
+                f"    n_jobs={n_jobs} ignored: libraries {[lib for lib, p in zip(libs, paths, strict=True) if p is None]} "
+                "have in-memory images, which are not copied to worker processes; give image paths to extract in parallel"
+            )
+        descriptions = {lib: src.description for lib, src, _, _, _ in plans}
+        if parallel:
+            stack.close()  # workers open the files themselves
+        patches, border = _run_extraction(
+            plans, paths if parallel else None, coords, S, n, n_jobs, pad_value, store_path, codes, libs, progress
+        )
 
     source_mpp = {lib: (None if m is None else float(m)) for lib, _, _, m, _ in plans}
     params = {
@@ -329,9 +361,10 @@ def extract_patches(
         "pad_value": pad_value,
         "source_mpp": source_mpp,
         "source_patch_size": {lib: int(R) for lib, _, _, _, R in plans},
-        "image_source": {lib: src.description for lib, src, _, _, _ in plans},
+        "image_source": descriptions,
         "resample": "none" if mpp is None else "PIL area (shrink) / bilinear (enlarge)",
         "centre": "patch[S // 2, S // 2] is pixel (floor(x + 0.5), floor(y + 0.5))",
+        "store": None if store_path is None else str(store_path),
     }
     target = adata.copy() if copy else adata
     target.obsm[key_added] = patches
@@ -341,7 +374,9 @@ def extract_patches(
         "    finished",
         time=start,
         deep=(
-            f"added\n    {key_added!r}, uint8 patches (n_obs, {S}, {S}, 3) (adata.obsm)\n"
+            f"added\n    {key_added!r}, uint8 patches (n_obs, {S}, {S}, 3) (adata.obsm"
+            + ("" if store_path is None else f", dask array over {str(store_path)!r}")
+            + ")\n"
             f"    {key_added + C.BORDER_SUFFIX!r}, patch padded at the image edge: {int(border.sum())} spots (adata.obs)\n"
             f"    {key_added!r}, ['params'] (adata.uns)"
         ),
@@ -391,3 +426,142 @@ def _extract_library(
             region = np.asarray(Image.fromarray(region).resize((S, S), resample=method))
         patches[idx[k]] = region
         bar.update(1)
+
+
+# --------------------------------------------------------------------------------------------- chunked / parallel
+
+
+def check_n_jobs(n_jobs: Any) -> int:
+    """``n_jobs`` as a number of processes (``-1``: all cores)."""
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int | np.integer):
+        raise TypeError(f"n_jobs must be an integer (1: no parallelism, -1: all cores), got {n_jobs!r}.")
+    n_jobs = int(n_jobs)
+    if n_jobs == -1:
+        return max(1, os.cpu_count() or 1)
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs must be a positive number of processes or -1 for all cores, got {n_jobs}.")
+    return n_jobs
+
+
+def _image_path(adata: AnnData, lib: str, image: Any, image_key: str | None) -> tuple[str, str | None] | None:
+    """The file (and element key) a worker process can open for ``lib``, or ``None`` for an in-memory image.
+
+    Follows the order of :func:`_open_library`.
+    """
+    if isinstance(image, dict):
+        image = image[lib]
+    if image is not None:
+        return (os.fspath(image), image_key) if isinstance(image, str | os.PathLike) else None
+    entry = adata.uns.get(C.SPATIAL_KEY, {}).get(lib, {})
+    if (entry.get(C.IMAGES, {}) or {}).get(C.FULLRES) is not None:
+        return None
+    meta = entry.get(C.METADATA, {}) or {}
+    path = meta.get(C.SOURCE_IMAGE_PATH)
+    return (str(path), meta.get(C.SOURCE_IMAGE_KEY) or image_key) if path is not None and str(path) != "" else None
+
+
+def _rows_per_pass(S: int) -> int:
+    """Spots filled per tile-order pass with a store: whole chunks, about ``BUFFER_BYTES`` of patches."""
+    per_chunk = _store.PATCH_CHUNK * S * S * 3
+    return _store.PATCH_CHUNK * max(1, _store.BUFFER_BYTES // per_chunk)
+
+
+def _extract_rows(src: ImageSource, xy: np.ndarray, S: int, R: int, border: np.ndarray, write: Any, bar: Any) -> None:
+    """Extract one library into a store, a buffer of whole chunks at a time (each buffer in tile order)."""
+    step = _rows_per_pass(S)
+    buf = np.empty((min(step, len(xy)), S, S, 3), dtype=np.uint8)
+    for s in range(0, len(xy), step):
+        e = min(s + step, len(xy))
+        _extract_library(src, xy[s:e], np.arange(e - s), S, R, buf, border[s:e], bar)
+        write(s, buf[: e - s])
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _library_job(
+    path: str, image_key: str | None, pad_value: int, lib: str, xy: np.ndarray, S: int, R: int, store, name: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Worker process: extract one library from its file; write to ``store`` or return the patches."""
+    border = np.zeros(len(xy), dtype=bool)
+    with open_image(path, image_key=image_key, pad_value=pad_value, what=f"the image of library {lib!r}") as src:
+        if store is None:
+            out = np.empty((len(xy), S, S, 3), dtype=np.uint8)
+            _extract_library(src, xy, np.arange(len(xy)), S, R, out, border, _NoBar())
+            return border, out
+        _extract_rows(src, xy, S, R, border, lambda s, blk: _store.write_rows(store, name, s, blk), _NoBar())
+    return border, None
+
+
+def _run_extraction(plans, paths, coords, S, n, n_jobs, pad_value, store_path, codes, libs, progress):
+    """Extract every library (serially from the open sources, or in worker processes from ``paths``).
+
+    Returns the patches (numpy, or a dask array over ``store_path``) and the border flags. A store created here is
+    removed again if anything fails.
+    """
+    from tqdm.auto import tqdm
+
+    border = np.zeros(n, dtype=bool)
+    patches = None
+    if store_path is not None:
+        order, inverse = _store.library_order(codes, len(libs))
+        _store.remove_store(store_path)  # check_store allowed it (overwrite=True) or it does not exist
+    try:
+        if store_path is not None:
+            counts = [len(idx) for _, _, idx, _, _ in plans]
+            _store.create_patch_store(store_path, libs=libs, counts=counts, order=order, inverse=inverse, S=S)
+        else:
+            patches = np.empty((n, S, S, 3), dtype=np.uint8)
+        with tqdm(total=n, desc="patches", unit="spot", disable=not progress) as bar:
+            if paths is None:
+                for li, (lib, src, idx, _source_mpp, R) in enumerate(plans):
+                    if len(plans) > 1:
+                        bar.set_postfix_str(f"library {lib}")
+                    if store_path is None:
+                        _extract_library(src, coords[idx], idx, S, R, patches, border, bar)
+                    else:
+                        lib_border = np.zeros(len(idx), dtype=bool)
+                        name = _store.array_name(li)
+                        _extract_rows(
+                            src, coords[idx], S, R, lib_border,
+                            lambda s, blk, name=name: _store.write_rows(store_path, name, s, blk), bar,
+                        )  # fmt: skip
+                        border[idx] = lib_border
+            else:
+                _parallel(plans, paths, coords, S, n_jobs, pad_value, store_path, patches, border, bar)
+    except BaseException:
+        if store_path is not None:
+            _store.remove_store(store_path)
+        raise
+    if store_path is not None:
+        patches = _store.open_patches(store_path)
+    return patches, border
+
+
+def _parallel(plans, paths, coords, S, n_jobs, pad_value, store_path, patches, border, bar) -> None:
+    """Run :func:`_library_job` for every library in a spawn process pool; progress advances per library."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    workers = min(n_jobs, len(plans))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for li, ((lib, _src, idx, _m, R), (path, key)) in enumerate(zip(plans, paths, strict=True)):
+            fut = pool.submit(
+                _library_job, path, key, pad_value, lib, coords[idx], S, R, store_path, _store.array_name(li)
+            )
+            futures[fut] = idx
+        try:
+            for fut in as_completed(futures):
+                idx = futures[fut]
+                lib_border, lib_patches = fut.result()
+                border[idx] = lib_border
+                if lib_patches is not None:
+                    patches[idx] = lib_patches
+                bar.update(len(idx))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise

@@ -53,7 +53,11 @@ def expression_matrix(adata: AnnData, *, layer: str | None, genes: Any) -> tuple
 def image_inputs(
     adata: AnnData, *, patches_key: str, features_key: str | None, need_patches: bool = False
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Return (patches, features) from ``obsm``; exactly one of them is used downstream."""
+    """Return (patches, features) from ``obsm``; exactly one of them is used downstream.
+
+    Features are loaded into memory as float32 (n_obs x d is small even for millions of spots); patches are returned
+    as stored: numpy, or a lazy array (dask, zarr) that is never loaded whole.
+    """
     if features_key is not None and not need_patches:
         if features_key not in adata.obsm:
             raise KeyError(
@@ -69,8 +73,12 @@ def image_inputs(
             f"adata.obsm[{patches_key!r}] is missing: run `sthist.pp.extract_patches(adata, key_added={patches_key!r})` "
             "first (or pass features_key= naming embeddings from `sthist.pp.embed_patches`)."
         )
-    patches = np.asarray(adata.obsm[patches_key])
-    if patches.ndim != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8:
+    patches = adata.obsm[patches_key]
+    if not (hasattr(patches, "shape") and hasattr(patches, "dtype") and hasattr(patches, "__getitem__")):
+        patches = np.asarray(patches)
+    # lazy patches (a dask array over a zarr store, from `extract_patches(store=...)`) stay lazy: they are read
+    # chunk by chunk by the encoder; only the small features are loaded into memory
+    if len(patches.shape) != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8:
         raise ValueError(
             f"adata.obsm[{patches_key!r}] must be uint8 patches of shape (n_obs, S, S, 3) as written by "
             f"`sthist.pp.extract_patches`; got {patches.dtype} {patches.shape}."

@@ -72,3 +72,35 @@ def test_ivf_fills_rows_whose_visited_lists_hold_fewer_than_k_keys():
     _, idx = bank.topk_search(query, keys, 120, index="faiss-ivf", n_probe=1)
     assert (idx >= 0).all() and (idx < 4000).all()
     assert all(len(set(row)) == 120 for row in idx)
+
+
+def _fitted_toy(prepared_toy):
+    import sthist as st
+
+    adata = prepared_toy(0)
+    ref = adata[adata.obs["section"] == adata.obs["section"].cat.categories[0]].copy()
+    query = adata[adata.obs["section"] == adata.obs["section"].cat.categories[1]].copy()
+    model = st.tl.fit_contrastive(ref, layer="targets", max_epochs=3, progress=False, random_state=0)
+    return st, model, query
+
+
+def test_predict_expression_with_faiss_index_visiting_every_list_equals_exact(prepared_toy):
+    pytest.importorskip("faiss")
+    st, model, query = _fitted_toy(prepared_toy)
+    exact = st.tl.predict_expression(query, model, k=10, progress=False, copy=True)
+    approx = st.tl.predict_expression(query, model, k=10, index="faiss-ivf", n_probe=10_000, progress=False, copy=True)
+    np.testing.assert_allclose(approx.layers["predicted"], exact.layers["predicted"], rtol=1e-5, atol=1e-6)
+    assert approx.uns["predicted"]["params"]["index"] == "faiss-ivf"
+    assert exact.uns["predicted"]["params"]["index"] == "exact"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"index": "hnsw"}, "index='hnsw' is not valid"), ({"n_probe": 0}, "n_probe must be a positive integer")],
+)
+def test_predict_expression_bad_index_leaves_adata_unchanged(prepared_toy, kwargs, message):
+    st, model, query = _fitted_toy(prepared_toy)
+    before = query.copy()
+    with pytest.raises(ValueError, match=message):
+        st.tl.predict_expression(query, model, progress=False, **kwargs)
+    assert set(query.layers) == set(before.layers) and list(query.uns) == list(before.uns)

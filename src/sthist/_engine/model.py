@@ -335,6 +335,8 @@ class ContrastiveModel:
         progress: bool = True,
         temperature: float = 0.1,
         batch_size: int = 256,
+        index: Literal["exact", "faiss-ivf"] = "exact",
+        n_probe: int = 32,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Predict expression of spots from their patches or encoder features.
 
@@ -360,6 +362,11 @@ class ContrastiveModel:
             Temperature of the ``"softmax"`` weighting.
         batch_size
             Spots per forward pass when embedding.
+        index
+            ``"exact"`` chunked search (default) or ``"faiss-ivf"``, an approximate faiss index for banks of
+            millions of spots (needs ``faiss-cpu``; see :mod:`~sthist._engine.bank`).
+        n_probe
+            Inverted lists visited per query with ``index="faiss-ivf"``.
 
         Returns
         -------
@@ -387,6 +394,8 @@ class ContrastiveModel:
             chunk_size=chunk_size,
             device=dev,
             progress=progress,
+            index=index,
+            n_probe=n_probe,
         )
 
     # ---- persistence ---------------------------------------------------------------------------------------------

@@ -95,6 +95,8 @@ def predict_expression(
     key_added: str = C.PREDICTED_KEY,
     batch_size: int = 256,
     chunk_size: int = 4096,
+    index: Literal["exact", "faiss-ivf"] = "exact",
+    n_probe: int = 32,
     device: str | None = None,
     progress: bool = True,
     copy: bool = False,
@@ -135,6 +137,12 @@ def predict_expression(
     batch_size, chunk_size
         Spots per forward pass; queries per retrieval chunk (retrieval is chunked over queries and the
         reference bank, so a bank of millions of spots fits in memory).
+    index
+        Search of the reference bank (retrieval models): ``'exact'`` (default) compares every query with every
+        reference spot, chunked; ``'faiss-ivf'`` uses an approximate faiss inverted-file index, much faster on
+        banks of millions of spots (``pip install faiss-cpu``; recall and speed in ``benchmarks/retrieval.py``).
+    n_probe
+        Inverted lists visited per query with ``index='faiss-ivf'``: more is slower and closer to exact.
     device
         Torch device; ``None`` picks cuda, then mps, then cpu.
     {progress}
@@ -165,6 +173,8 @@ def predict_expression(
     check_adata(adata, fn="sthist.tl.predict_expression")
     model = resolve_model(adata, model)
     k, weighting = _retrieval_settings(model, k, weighting)
+    check_choice("index", index, ["exact", "faiss-ivf"])
+    n_probe = check_positive_int("n_probe", n_probe)
     model_genes = list(model.genes)
     if genes is not None:
         genes = [genes] if isinstance(genes, str) else list(genes)
@@ -200,6 +210,8 @@ def predict_expression(
             k=k,
             weighting=weighting,
             chunk_size=chunk_size,
+            index=index,
+            n_probe=n_probe,
             batch_size=check_positive_int("batch_size", batch_size),
             device=device,
             progress=progress,
@@ -215,6 +227,8 @@ def predict_expression(
             "prediction": getattr(model, "prediction", "regression"),
             "k": k,
             "weighting": weighting,
+            "index": index if getattr(model, "prediction", "regression") == "retrieval" else None,
+            "n_probe": n_probe if index == "faiss-ivf" else None,
             "n_model_genes": len(model_genes),
             "patches_key": patches_key,
             "features_key": features_key,

@@ -1,9 +1,10 @@
-"""Preprocessing: H&E patches around spots, expression targets and gene selection."""
+"""Preprocessing: H&E patches around spots, pseudo-spots on whole slides, expression targets and gene selection."""
 
 from __future__ import annotations
 
 from ._embed import embed_patches
 from ._patches import extract_patches
 from ._targets import normalize_expression, select_genes
+from ._tiles import tile_tissue
 
-__all__ = ["embed_patches", "extract_patches", "normalize_expression", "select_genes"]
+__all__ = ["embed_patches", "extract_patches", "normalize_expression", "select_genes", "tile_tissue"]

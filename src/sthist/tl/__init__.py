@@ -9,6 +9,7 @@ from ._fit import fit_contrastive
 from ._predict import predict_expression
 from ._ridge import RidgeModel, fit_ridge
 from ._score import score_prediction
+from ._slide import predict_slide
 
 if TYPE_CHECKING:
     from .._engine.model import ContrastiveModel
@@ -30,5 +31,6 @@ __all__ = [
     "fit_contrastive",
     "fit_ridge",
     "predict_expression",
+    "predict_slide",
     "score_prediction",
 ]

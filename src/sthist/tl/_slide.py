@@ -1,0 +1,335 @@
+"""`predict_slide`: expression maps of a whole slide without spots, with bounded memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .. import _constants as C
+from .._docs import inject_docs
+from .._logging import info
+from .._validate import check_positive_int
+from ..pp._image import ImageSource, open_image
+from ..pp._patches import extract_patches
+from ..pp._tiles import DEFAULT_SPOT_DIAMETER, tile_tissue
+from ._fit import _h5ad_safe
+from ._predict import _retrieval_settings, predict_expression
+from ._utils import resolve_model
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+_FN = "sthist.tl.predict_slide"
+#: Pseudo-spots whose patches are held in memory at once (2,048 x 224 x 224 x 3 bytes = 308 MB).
+DEFAULT_CHUNK = 2048
+
+
+class _Shared(ImageSource):
+    """An open source lent to several :func:`extract_patches` calls: closing it does nothing (the owner closes)."""
+
+    def __init__(self, src: ImageSource):
+        self._src = src
+        self.shape = src.shape
+        self.mpp = src.mpp
+        self.block_shape = src.block_shape
+        self.description = src.description
+        self.pad_value = src.pad_value
+
+    def read_region(self, x0: int, y0: int, w: int, h: int, *, pad_value: int | None = None) -> np.ndarray:
+        return self._src.read_region(x0, y0, w, h, pad_value=self.pad_value if pad_value is None else pad_value)
+
+    def release_above(self, y: int) -> None:
+        self._src.release_above(y)
+
+
+def _model_geometry(model: Any) -> tuple[int | None, float | None]:
+    """Patch size and µm per pixel the model was trained on (``None`` where it does not record them)."""
+    if hasattr(model, "config") and isinstance(model.config, dict):
+        rec = model.config.get("patches") or {}
+    else:
+        rec = getattr(model, "encoder_params", None) or {}
+    size, mpp = rec.get("patch_size"), rec.get("mpp")
+    size = int(size) if isinstance(size, int | float | np.integer | np.floating) and size > 0 else None
+    mpp = float(mpp) if isinstance(mpp, int | float | np.integer | np.floating) and mpp > 0 else None
+    return size, mpp
+
+
+def _frozen_encoder(model: Any) -> tuple[Any, str, dict]:
+    """The encoder that makes the model's input features, the obsm key and the params of those features."""
+    if getattr(model, "method", None) == "ridge":
+        enc = model.encoder_params
+        if not enc.get("encoder"):
+            raise ValueError(
+                "the ridge model does not record which encoder made its features, so the slide's patches cannot be "
+                "encoded: refit it on features from `sthist.pp.embed_patches`, or extract patches and embed them "
+                "yourself, then call `sthist.tl.predict_expression`."
+            )
+        from .._engine.encoders import build_image_encoder
+
+        encoder = build_image_encoder(
+            enc["encoder"], pretrained=bool(enc.get("pretrained")), checkpoint=enc.get("checkpoint") or None
+        )
+        return encoder, model.features_key, {k: enc[k] for k in ("encoder", "pretrained", "checkpoint") if k in enc}
+    from ..pp._embed import default_key
+
+    spec = model.config["encoder"]
+    encoder = model._encoder()  # checks that a checkpoint file is still the one the model was trained with
+    params = {
+        "encoder": spec["spec"],
+        "pretrained": bool(spec.get("pretrained")),
+        "checkpoint": spec.get("checkpoint") or "",
+    }
+    return encoder, default_key(spec["spec"]), params
+
+
+def _chunk_adata(tiles: AnnData, idx: np.ndarray, lib: str) -> AnnData:
+    """A small AnnData of the pseudo-spots ``idx`` with what :func:`extract_patches` reads."""
+    import anndata as ad
+    import pandas as pd
+
+    sf = dict(tiles.uns[C.SPATIAL_KEY][lib][C.SCALEFACTORS])
+    return ad.AnnData(
+        obs=pd.DataFrame(index=tiles.obs_names[idx]),
+        obsm={C.SPATIAL_KEY: np.asarray(tiles.obsm[C.SPATIAL_KEY])[idx]},
+        uns={C.SPATIAL_KEY: {lib: {C.SCALEFACTORS: sf}}},
+    )
+
+
+@inject_docs
+def predict_slide(
+    image: Any,
+    model: Any,
+    *,
+    spot_diameter: float | None = None,
+    spacing: float | None = None,
+    mpp: float | None = None,
+    patch_size: int | None = None,
+    patch_mpp: float | None = None,
+    min_tissue: float = 0.5,
+    tissue_mask: Any = None,
+    image_key: str | None = None,
+    library_id: str = "slide",
+    k: int | None = None,
+    weighting: Literal["average", "distance", "softmax"] | None = None,
+    genes: Any = None,
+    key_added: str = C.PREDICTED_KEY,
+    chunk_size: int = DEFAULT_CHUNK,
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = True,
+) -> AnnData:
+    """Predict expression maps of a whole slide that has no spots.
+
+    :func:`sthist.pp.tile_tissue` covers the tissue with a grid of pseudo-spots; their patches are cut at the
+    model's patch geometry in chunks of ``chunk_size`` pseudo-spots, each chunk is encoded with the model's frozen
+    encoder and its patches dropped, and the model predicts from the features of all pseudo-spots at once (so
+    methods with spatial neighbours see the whole slide). Memory stays bounded by one chunk of patches (308 MB
+    for 2,048 patches of 224 px) plus the features, whatever the number of pseudo-spots.
+
+    Models with a fine-tuned encoder predict chunk by chunk from the patches, which works for methods without
+    spatial neighbours (prediction of a spot depends on its patch only). A fine-tuned model with neighbours needs
+    all patches at once: raise.
+
+    Parameters
+    ----------
+    image
+        The slide: a path (TIFF / OME-TIFF, openslide formats, JPEG, PNG, SpatialData ``.zarr``), a numpy or dask
+        array (H, W, 3) uint8, a spatialdata image or ``SpatialData`` object (see :func:`sthist.pp.tile_tissue`).
+    model
+        A fitted model (:func:`sthist.tl.fit_contrastive`, :func:`sthist.tl.fit_ridge`) or the folder it was
+        saved to.
+    spot_diameter
+        Side of the pseudo-spots in µm; ``None``: the model's patch footprint (``patch_size * patch_mpp``) when
+        known, else 112 µm.
+    spacing
+        Centre-to-centre distance of the grid in µm; ``None``: ``spot_diameter``.
+    mpp
+        Microns per pixel of the slide; ``None`` reads it from the file's metadata.
+    patch_size, patch_mpp
+        Patch geometry (output pixels, µm per pixel); ``None``: what the model was trained on (recorded by
+        :func:`~sthist.tl.fit_contrastive` from :func:`~sthist.pp.extract_patches`; 224 px and the slide's own
+        resolution when not recorded).
+    min_tissue, tissue_mask, image_key, library_id
+        Passed to :func:`sthist.pp.tile_tissue`.
+    k, weighting, genes
+        Retrieval settings and genes to write, as in :func:`sthist.tl.predict_expression`.
+    key_added
+        Name of the prediction layer and of the ``obs`` / ``var`` / ``uns`` entries.
+    chunk_size
+        Pseudo-spots whose patches are held in memory at once.
+    batch_size
+        Patches per forward pass of the encoder (and spots per forward pass of the model).
+    device
+        Torch device; ``None`` picks cuda, then mps, then cpu.
+    {progress}
+
+    Returns
+    -------
+    A new AnnData: the pseudo-spots of :func:`~sthist.pp.tile_tissue` (``obs``, ``obsm['spatial']``,
+    ``uns['spatial']`` with the thumbnail) with the model's genes as variables, and
+
+    ``X`` and ``layers['predicted' | key_added]``
+        float32 (n_pseudo_spots, n_genes) predictions.
+    ``var['predicted_modelled']``
+        True for every gene.
+    ``obs['predicted_spread']``
+        spread of the retrieved neighbours' expression (retrieval models).
+    ``obsm['X_<encoder>']`` and ``uns['X_<encoder>']``
+        the encoder features of the pseudo-spots (frozen encoders).
+    ``uns['predicted' | key_added]['params']``
+        the settings of :func:`~sthist.tl.predict_expression` plus the patch geometry and ``chunk_size``.
+
+    Plot a gene with ``squidpy.pl.spatial_scatter(pred, color="GENE", library_id="slide", shape="square")``.
+
+    Examples
+    --------
+    >>> pred = sthist.tl.predict_slide("slide.ome.tif", model)  # doctest: +SKIP
+    >>> sq.pl.spatial_scatter(pred, color=pred.var_names[0], shape="square")  # doctest: +SKIP
+    """
+    if model is None:
+        raise ValueError(f"{_FN} needs a model: pass a fitted model or the folder `model.save(dir)` wrote.")
+    model_arg, model = model, resolve_model(None, model)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
+    batch_size = check_positive_int("batch_size", batch_size)
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
+    finetuned = bool(getattr(model, "finetuned", False))
+    if finetuned and getattr(model, "needs_neighbors", False):
+        raise ValueError(
+            f"method {model.method!r} with a fine-tuned encoder predicts a spot from its neighbours' patches, so "
+            "the whole slide's patches would be needed at once. Write them to disk instead: "
+            "`tiles = sthist.pp.tile_tissue(slide)`, `sthist.pp.extract_patches(tiles, store='patches.zarr')`, "
+            "then `sthist.tl.predict_expression(tiles, model)`; or use a model with a frozen encoder."
+        )
+    rec_size, rec_mpp = _model_geometry(model)
+    S = check_positive_int("patch_size", patch_size) if patch_size is not None else (rec_size or 224)
+    if patch_mpp is None:
+        patch_mpp = rec_mpp
+    elif isinstance(patch_mpp, bool) or not isinstance(patch_mpp, int | float) or not patch_mpp > 0:
+        raise ValueError(f"patch_mpp must be a positive number of microns per pixel or None, got {patch_mpp!r}.")
+    if spot_diameter is None:
+        spot_diameter = S * patch_mpp if patch_mpp is not None else DEFAULT_SPOT_DIAMETER
+    k, weighting = _retrieval_settings(model, k, weighting)
+    if genes is not None:
+        genes = [genes] if isinstance(genes, str) else list(genes)
+        missing = [g for g in genes if g not in set(model.genes)]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} requested genes are not covered by the model (e.g. {missing[:5]}); see `model.genes`."
+            )
+
+    start = info(f"predicting a whole slide with {model.method!r}")
+    if isinstance(image, ImageSource):
+        raise TypeError(f"{_FN}: pass the slide itself (a path or an array), not an open image source.")
+    tiles = tile_tissue(
+        image,
+        spot_diameter=spot_diameter,
+        spacing=spacing,
+        mpp=mpp,
+        min_tissue=min_tissue,
+        tissue_mask=tissue_mask,
+        image_key=image_key,
+        library_id=library_id,
+    )
+    n = tiles.n_obs
+    chunks = [np.arange(i, min(n, i + chunk_size)) for i in range(0, n, chunk_size)]
+    geometry = {"patch_size": S, "patch_mpp": patch_mpp, "chunk_size": chunk_size, "spot_diameter": spot_diameter}
+    info(
+        f"    {n} pseudo-spots, {S} px patches"
+        + (f" at {patch_mpp} µm/px" if patch_mpp else "")
+        + f", {len(chunks)} chunks"
+    )
+
+    from tqdm.auto import tqdm
+
+    with open_image(image, image_key=image_key, what="image") as src:
+        shared = _Shared(src)
+
+        def patches_of(idx: np.ndarray) -> AnnData:
+            sub = _chunk_adata(tiles, idx, library_id)
+            extract_patches(sub, patch_size=S, mpp=patch_mpp, image=shared, library_id=library_id, progress=False)
+            return sub
+
+        bar = tqdm(total=n, desc="pseudo-spots", unit="spot", disable=not progress)
+        try:
+            if not finetuned:
+                from .._engine.encoders import encode_patches
+
+                encoder, features_key, feat_params = _frozen_encoder(model)
+                feats = None
+                for idx in chunks:
+                    sub = patches_of(idx)
+                    f = encode_patches(
+                        encoder, sub.obsm[C.PATCHES_KEY], batch_size=batch_size, device=device, progress=False
+                    )
+                    del sub
+                    if feats is None:
+                        feats = np.empty((n, f.shape[1]), dtype=np.float32)
+                    feats[idx] = f
+                    bar.update(len(idx))
+            else:
+                preds, spreads, params = [], [], {}
+                for idx in chunks:
+                    sub = patches_of(idx)
+                    out = predict_expression(
+                        sub,
+                        model,
+                        k=k,
+                        weighting=weighting,
+                        genes=genes,
+                        key_added=key_added,
+                        batch_size=batch_size,
+                        device=device,
+                        progress=False,
+                    )
+                    del sub
+                    preds.append(np.asarray(out.X, dtype=np.float32))
+                    spread_key = f"{key_added}{C.SPREAD_SUFFIX}"
+                    spreads.append(out.obs[spread_key].to_numpy() if spread_key in out.obs else None)
+                    params, pred_genes = dict(out.uns[key_added]["params"]), list(out.var_names)
+                    del out
+                    bar.update(len(idx))
+        finally:
+            bar.close()
+
+    if not finetuned:
+        tiles.obsm[features_key] = feats
+        tiles.uns[features_key] = {
+            "params": {**feat_params, "patches_key": C.PATCHES_KEY, "patch_size": S, "mpp": patch_mpp}
+        }
+        tiles.uns[features_key] = _h5ad_safe(tiles.uns[features_key])
+        out = predict_expression(
+            tiles,
+            model,
+            k=k,
+            weighting=weighting,
+            genes=genes,
+            features_key=features_key,
+            key_added=key_added,
+            batch_size=max(batch_size, 256),
+            device=device,
+            progress=progress,
+        )
+    else:
+        import anndata as ad
+        import pandas as pd
+
+        pred = np.concatenate(preds)
+        out = ad.AnnData(
+            X=pred.copy(),
+            obs=tiles.obs.copy(),
+            var=pd.DataFrame(index=pd.Index(pred_genes)),
+            obsm=dict(tiles.obsm),
+            uns=dict(tiles.uns),
+        )
+        out.layers[key_added] = pred
+        out.var[f"{key_added}{C.MODELLED_SUFFIX}"] = True
+        if all(s is not None for s in spreads):
+            out.obs[f"{key_added}{C.SPREAD_SUFFIX}"] = np.concatenate(spreads).astype(np.float32)
+        out.uns[key_added] = {"params": params}
+    model_dir = str(Path(model_arg).resolve()) if isinstance(model_arg, str | Path) else None
+    out.uns[key_added]["params"].update(_h5ad_safe({**geometry, "model_dir": model_dir}))
+    info("    finished", time=start, deep=f"{n} pseudo-spots x {out.n_vars} genes")
+    return out

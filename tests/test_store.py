@@ -297,9 +297,31 @@ def test_h5ad_round_trip_with_dask_obsm(lazy_and_memory, tmp_path):
     np.testing.assert_array_equal(back.obsm["patches"], mem.obsm["patches"])
     np.testing.assert_array_equal(back.obsm["X_hed_texture"], np.asarray(lazy.obsm["X_hed_texture"]))
     assert back.uns["patches"]["params"]["store"] == str((tmp_path / "p.zarr").absolute())
-    # the store can be reattached lazily after reading
-    reopened = _store.open_patches(back.uns["patches"]["params"]["store"])
+    # the stores can be reattached lazily after reading, through the public reader
+    reopened = st.pp.read_store(back.uns["patches"]["params"]["store"])
+    assert is_dask(reopened)
     np.testing.assert_array_equal(reopened.compute(), mem.obsm["patches"])
+    emb = st.pp.read_store(back.uns["X_hed_texture"]["params"]["store"])
+    np.testing.assert_array_equal(emb.compute(), np.asarray(lazy.obsm["X_hed_texture"]))
+
+
+def is_dask(x):
+    import dask.array as da
+
+    return isinstance(x, da.Array)
+
+
+def test_read_store_bad_paths(tmp_path):
+    import zarr
+
+    with pytest.raises(FileNotFoundError, match="no store at"):
+        st.pp.read_store(tmp_path / "missing.zarr")
+    zarr.open_group(tmp_path / "other.zarr", mode="w")
+    with pytest.raises(ValueError, match="not a store written by"):
+        st.pp.read_store(tmp_path / "other.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="not a"):
+        st.pp.read_store(tmp_path / "plain")
 
 
 # ------------------------------------------------------------------------------------------------ retrieval

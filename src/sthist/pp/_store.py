@@ -187,6 +187,45 @@ def open_embeddings(path: str | os.PathLike) -> Any:
     return da.from_zarr(group["embeddings"])
 
 
+def read_store(path: str | os.PathLike) -> Any:
+    """Open a patch or embedding store written by sthist as a lazy dask array in ``obs`` order.
+
+    Use it to reattach a store to an AnnData read back from disk, e.g.
+    ``adata.obsm["patches"] = sthist.pp.read_store(adata.uns["patches"]["params"]["store"])``.
+
+    Parameters
+    ----------
+    path
+        A ``.zarr`` folder written by :func:`sthist.pp.extract_patches` or :func:`sthist.pp.embed_patches` with
+        ``store=``.
+
+    Returns
+    -------
+    A dask array: uint8 ``(n_obs, S, S, 3)`` patches or float32 ``(n_obs, d)`` embeddings. Nothing is read until
+    it is computed.
+    """
+    import zarr
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"no store at {str(p)!r}; pass the folder that `extract_patches(store=...)` or `embed_patches(store=...)` "
+            "wrote (recorded in `adata.uns[key]['params']['store']`)."
+        )
+    try:
+        kind = dict(zarr.open_group(p, mode="r").attrs).get(_KIND)
+    except Exception as err:  # zarr raises several types for folders that are not groups
+        raise ValueError(f"{str(p)!r} is not a zarr store written by sthist ({err}).") from None
+    if kind == "patches":
+        return open_patches(p)
+    if kind == "embeddings":
+        return open_embeddings(p)
+    raise ValueError(
+        f"{str(p)!r} is a zarr group but not a store written by `sthist.pp.extract_patches(store=...)` or "
+        "`sthist.pp.embed_patches(store=...)`."
+    )
+
+
 def is_lazy(x: Any) -> bool:
     """Whether ``x`` is an array-like that is not in memory (dask, zarr, h5py, ...)."""
     return not isinstance(x, np.ndarray) and hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__")

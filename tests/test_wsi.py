@@ -270,11 +270,25 @@ def test_predict_slide_chunked_equals_whole(slide, toy_models, tmp_path):
     assert sum(len(ax.images) for ax in fig.axes) > 0
 
 
-def test_predict_slide_errors(slide, toy_models):
-    # a fine-tuned model with spatial neighbours would need every patch at once
-    stub = SimpleNamespace(method="stgchb", genes=["g"], finetuned=True, needs_neighbors=True, predict=None)
-    with pytest.raises(ValueError, match="store="):
-        st.tl.predict_slide(slide.path, stub)
+def test_predict_slide_with_store_keeps_lazy_patches(slide, toy_models, tmp_path):
+    import dask.array as da
+
+    model = toy_models.bleep
+    in_memory = st.tl.predict_slide(slide.path, model, chunk_size=5, **SLIDE_KW)
+    on_disk = st.tl.predict_slide(slide.path, model, store=tmp_path / "slide.zarr", **SLIDE_KW)
+    np.testing.assert_allclose(on_disk.X, in_memory.X, rtol=1e-5, atol=1e-6)
+    assert isinstance(on_disk.obsm["patches"], da.Array)
+    assert on_disk.uns["patches"]["params"]["store"] == str((tmp_path / "slide.zarr").absolute())
+    tiles = st.pp.tile_tissue(slide.path, spot_diameter=224)
+    st.pp.extract_patches(tiles, patch_size=48, mpp=1.0, progress=False)
+    np.testing.assert_array_equal(on_disk.obsm["patches"].compute(), tiles.obsm["patches"])
+
+
+def test_predict_slide_errors(slide, toy_models, tmp_path):
+    existing = tmp_path / "taken.zarr"
+    existing.mkdir()
+    with pytest.raises(ValueError, match="already exists"):
+        st.tl.predict_slide(slide.path, toy_models.bleep, store=existing)
     with pytest.raises(ValueError, match="needs a model"):
         st.tl.predict_slide(slide.path, None)
     with pytest.raises(KeyError, match="not covered"):
@@ -301,5 +315,5 @@ def test_predict_slide_finetuned_in_chunks(slide):
     whole = st.tl.predict_expression(tiles, model, progress=False, device="cpu")
     np.testing.assert_allclose(pred.X, whole.X, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pred.obs["predicted_spread"], whole.obs["predicted_spread"], rtol=1e-5, atol=1e-6)
-    assert "patches" not in pred.obsm  # the patches of the chunks were dropped
+    assert "patches" not in pred.obsm  # the temporary patch store was removed, and nothing points to it
     assert pred.uns["predicted"]["params"]["chunk_size"] == 5

@@ -97,6 +97,48 @@ def _chunk_adata(tiles: AnnData, idx: np.ndarray, lib: str) -> AnnData:
     )
 
 
+def _encode_in_chunks(tiles, model, chunks, patches_of, batch_size, device, progress):
+    """Features of every pseudo-spot from the model's frozen encoder, one chunk of patches in memory at a time."""
+    from tqdm.auto import tqdm
+
+    from .._engine.encoders import encode_patches
+
+    encoder, features_key, feat_params = _frozen_encoder(model)
+    feats = None
+    with tqdm(total=tiles.n_obs, desc="pseudo-spots", unit="spot", disable=not progress) as bar:
+        for idx in chunks:
+            sub = patches_of(idx)
+            f = encode_patches(encoder, sub.obsm[C.PATCHES_KEY], batch_size=batch_size, device=device, progress=False)
+            del sub
+            if feats is None:
+                feats = np.empty((tiles.n_obs, f.shape[1]), dtype=np.float32)
+            feats[idx] = f
+            bar.update(len(idx))
+    return feats, features_key, feat_params
+
+
+def _predict_from_store(tiles, model, source, store, S, patch_mpp, library_id, predict_kw, progress):
+    """Write every patch to a zarr store (temporary unless ``store``) and predict from it lazily."""
+    import shutil
+    import tempfile
+
+    tmp = None if store is not None else Path(tempfile.mkdtemp(prefix="sthist_slide_"))
+    path = Path(store) if store is not None else tmp / "patches.zarr"
+    try:
+        extract_patches(
+            tiles, patch_size=S, mpp=patch_mpp, image=source, library_id=library_id, store=path, progress=progress
+        )
+        out = predict_expression(tiles, model, progress=progress, **predict_kw)
+        if tmp is not None:  # the temporary store goes: drop what points to it
+            out.obsm.pop(C.PATCHES_KEY, None)
+            out.uns.pop(C.PATCHES_KEY, None)
+            out.obs.drop(columns=[C.PATCHES_KEY + C.BORDER_SUFFIX], inplace=True, errors="ignore")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 @inject_docs
 def predict_slide(
     image: Any,
@@ -116,6 +158,7 @@ def predict_slide(
     genes: Any = None,
     key_added: str = C.PREDICTED_KEY,
     chunk_size: int = DEFAULT_CHUNK,
+    store: str | Path | None = None,
     batch_size: int = 64,
     device: str | None = None,
     progress: bool = True,
@@ -128,9 +171,9 @@ def predict_slide(
     methods with spatial neighbours see the whole slide). Memory stays bounded by one chunk of patches (308 MB
     for 2,048 patches of 224 px) plus the features, whatever the number of pseudo-spots.
 
-    Models with a fine-tuned encoder predict chunk by chunk from the patches, which works for methods without
-    spatial neighbours (prediction of a spot depends on its patch only). A fine-tuned model with neighbours needs
-    all patches at once: raise.
+    Models with a fine-tuned encoder (and any model when ``store`` is given) predict from patches written to a
+    chunked zarr store (:func:`sthist.pp.extract_patches` with ``store=``) that the model reads a chunk at a time;
+    without ``store`` it is a temporary folder, removed at the end.
 
     Parameters
     ----------
@@ -158,7 +201,11 @@ def predict_slide(
     key_added
         Name of the prediction layer and of the ``obs`` / ``var`` / ``uns`` entries.
     chunk_size
-        Pseudo-spots whose patches are held in memory at once.
+        Pseudo-spots whose patches are held in memory at once (frozen encoders without ``store``).
+    store
+        A ``.zarr`` path to keep every patch on disk; the result's ``obsm['patches']`` then reads it lazily.
+        ``None``: patches are not kept (frozen encoders encode them chunk by chunk in memory; fine-tuned encoders
+        read them from a temporary store).
     batch_size
         Patches per forward pass of the encoder (and spots per forward pass of the model).
     device
@@ -196,13 +243,10 @@ def predict_slide(
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
     finetuned = bool(getattr(model, "finetuned", False))
-    if finetuned and getattr(model, "needs_neighbors", False):
-        raise ValueError(
-            f"method {model.method!r} with a fine-tuned encoder predicts a spot from its neighbours' patches, so "
-            "the whole slide's patches would be needed at once. Write them to disk instead: "
-            "`tiles = sthist.pp.tile_tissue(slide)`, `sthist.pp.extract_patches(tiles, store='patches.zarr')`, "
-            "then `sthist.tl.predict_expression(tiles, model)`; or use a model with a frozen encoder."
-        )
+    if store is not None:
+        from ..pp._store import check_store
+
+        check_store(store, overwrite=False)  # before any work: an existing store raises with the fix
     rec_size, rec_mpp = _model_geometry(model)
     S = check_positive_int("patch_size", patch_size) if patch_size is not None else (rec_size or 224)
     if patch_mpp is None:
@@ -242,8 +286,14 @@ def predict_slide(
         + f", {len(chunks)} chunks"
     )
 
-    from tqdm.auto import tqdm
-
+    predict_kw = {
+        "k": k,
+        "weighting": weighting,
+        "genes": genes,
+        "key_added": key_added,
+        "batch_size": max(batch_size, 256) if not finetuned else batch_size,
+        "device": device,
+    }
     with open_image(image, image_key=image_key, what="image") as src:
         shared = _Shared(src)
 
@@ -252,83 +302,18 @@ def predict_slide(
             extract_patches(sub, patch_size=S, mpp=patch_mpp, image=shared, library_id=library_id, progress=False)
             return sub
 
-        bar = tqdm(total=n, desc="pseudo-spots", unit="spot", disable=not progress)
-        try:
-            if not finetuned:
-                from .._engine.encoders import encode_patches
-
-                encoder, features_key, feat_params = _frozen_encoder(model)
-                feats = None
-                for idx in chunks:
-                    sub = patches_of(idx)
-                    f = encode_patches(
-                        encoder, sub.obsm[C.PATCHES_KEY], batch_size=batch_size, device=device, progress=False
-                    )
-                    del sub
-                    if feats is None:
-                        feats = np.empty((n, f.shape[1]), dtype=np.float32)
-                    feats[idx] = f
-                    bar.update(len(idx))
-            else:
-                preds, spreads, params = [], [], {}
-                for idx in chunks:
-                    sub = patches_of(idx)
-                    out = predict_expression(
-                        sub,
-                        model,
-                        k=k,
-                        weighting=weighting,
-                        genes=genes,
-                        key_added=key_added,
-                        batch_size=batch_size,
-                        device=device,
-                        progress=False,
-                    )
-                    del sub
-                    preds.append(np.asarray(out.X, dtype=np.float32))
-                    spread_key = f"{key_added}{C.SPREAD_SUFFIX}"
-                    spreads.append(out.obs[spread_key].to_numpy() if spread_key in out.obs else None)
-                    params, pred_genes = dict(out.uns[key_added]["params"]), list(out.var_names)
-                    del out
-                    bar.update(len(idx))
-        finally:
-            bar.close()
-
-    if not finetuned:
+        if finetuned or store is not None:
+            out = _predict_from_store(tiles, model, shared, store, S, patch_mpp, library_id, predict_kw, progress)
+        else:
+            feats, features_key, feat_params = _encode_in_chunks(
+                tiles, model, chunks, patches_of, batch_size, device, progress
+            )
+    if not (finetuned or store is not None):
         tiles.obsm[features_key] = feats
-        tiles.uns[features_key] = {
-            "params": {**feat_params, "patches_key": C.PATCHES_KEY, "patch_size": S, "mpp": patch_mpp}
-        }
-        tiles.uns[features_key] = _h5ad_safe(tiles.uns[features_key])
-        out = predict_expression(
-            tiles,
-            model,
-            k=k,
-            weighting=weighting,
-            genes=genes,
-            features_key=features_key,
-            key_added=key_added,
-            batch_size=max(batch_size, 256),
-            device=device,
-            progress=progress,
+        tiles.uns[features_key] = _h5ad_safe(
+            {"params": {**feat_params, "patches_key": C.PATCHES_KEY, "patch_size": S, "mpp": patch_mpp}}
         )
-    else:
-        import anndata as ad
-        import pandas as pd
-
-        pred = np.concatenate(preds)
-        out = ad.AnnData(
-            X=pred.copy(),
-            obs=tiles.obs.copy(),
-            var=pd.DataFrame(index=pd.Index(pred_genes)),
-            obsm=dict(tiles.obsm),
-            uns=dict(tiles.uns),
-        )
-        out.layers[key_added] = pred
-        out.var[f"{key_added}{C.MODELLED_SUFFIX}"] = True
-        if all(s is not None for s in spreads):
-            out.obs[f"{key_added}{C.SPREAD_SUFFIX}"] = np.concatenate(spreads).astype(np.float32)
-        out.uns[key_added] = {"params": params}
+        out = predict_expression(tiles, model, features_key=features_key, progress=progress, **predict_kw)
     model_dir = str(Path(model_arg).resolve()) if isinstance(model_arg, str | Path) else None
     out.uns[key_added]["params"].update(_h5ad_safe({**geometry, "model_dir": model_dir}))
     info("    finished", time=start, deep=f"{n} pseudo-spots x {out.n_vars} genes")

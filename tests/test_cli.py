@@ -68,3 +68,39 @@ def test_cli_user_error_is_one_line(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "a.h5ad"), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o.h5ad")]) == 2
     err = capsys.readouterr().err
     assert "error: no model folder" in err and "Traceback" not in err
+
+
+def test_fit_and_predict_options_reach_the_api(tmp_path, monkeypatch):
+    """--finetune / --num-workers reach fit_contrastive, --index reaches predict_expression, k / weighting default
+    to the method's values."""
+    from types import SimpleNamespace
+
+    import sthist as st
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_fit(adata, **kwargs):
+        seen["fit"] = kwargs
+        raise Stop
+
+    def fake_predict(adata, model, **kwargs):
+        seen["predict"] = kwargs
+        raise Stop
+
+    adata = st.datasets.toy(n_rows=6, n_cols=6, n_genes=10, seed=0)
+    path = tmp_path / "ref.h5ad"
+    adata.write_h5ad(path)
+    monkeypatch.setattr(st.tl, "fit_contrastive", fake_fit)
+    with pytest.raises(Stop):
+        main(["fit", str(path), "--out", str(tmp_path / "m"), "--finetune", "--num-workers", "3", "--no-progress"])
+    assert seen["fit"]["finetune"] is True and seen["fit"]["num_workers"] == 3
+    monkeypatch.setattr(st.tl, "predict_expression", fake_predict)
+    monkeypatch.setattr("sthist.tl._utils.load_model", lambda p: SimpleNamespace(config={}))  # reach the call only
+    monkeypatch.setattr("sthist._cli._prepare", lambda *a, **k: None)
+    with pytest.raises(Stop):
+        main(["predict", str(path), "--model", str(tmp_path), "--out", str(tmp_path / "o.h5ad"), "--index", "faiss-ivf"])
+    assert seen["predict"]["index"] == "faiss-ivf"
+    assert seen["predict"]["k"] is None and seen["predict"]["weighting"] is None

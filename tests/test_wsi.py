@@ -317,3 +317,22 @@ def test_predict_slide_finetuned_in_chunks(slide):
     np.testing.assert_allclose(pred.obs["predicted_spread"], whole.obs["predicted_spread"], rtol=1e-5, atol=1e-6)
     assert "patches" not in pred.obsm  # the temporary patch store was removed, and nothing points to it
     assert pred.uns["predicted"]["params"]["chunk_size"] == 5
+
+
+def test_cli_predict_slide(slide, toy_models, tmp_path, capsys):
+    import anndata as ad
+
+    from sthist._cli import main
+
+    toy_models.bleep.save(tmp_path / "model")
+    out = tmp_path / "slide.h5ad"
+    args = ["predict-slide", str(slide.path), "--model", str(tmp_path / "model"), "--out", str(out)]
+    assert main([*args, "--spot-diameter", "224", "--device", "cpu", "--no-progress"]) == 0
+    assert "pseudo-spots" in capsys.readouterr().out
+    written = ad.read_h5ad(out)
+    expected = st.tl.predict_slide(slide.path, tmp_path / "model", **SLIDE_KW)
+    np.testing.assert_allclose(written.X, expected.X, rtol=1e-5, atol=1e-6)
+    assert list(written.var_names) == list(expected.var_names)
+    # a user error is one line on stderr and exit code 2
+    assert main([*args, "--min-tissue", "2", "--no-progress"]) == 2
+    assert "min_tissue" in capsys.readouterr().err

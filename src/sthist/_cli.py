@@ -51,11 +51,18 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-size", type=int, default=224, help="patch size in pixels, if patches must be extracted")
     p.add_argument("--mpp", type=float, default=None, help="resample patches to this many microns per pixel")
     p.add_argument("--library-key", default=None, help="obs column with the section of each spot")
+    p.add_argument("--finetune", action="store_true", help="train the image encoder end to end (a timm --encoder)")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers reading patches when fine-tuning")
     p.add_argument("--max-epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (over all processes)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.epilog = (
+        "Several GPUs or machines: launch with torchrun, e.g. "
+        "`torchrun --nproc_per_node=4 --no-python sthist fit ref.h5ad --out model/ --finetune --encoder resnet50`; "
+        "rank 0 saves the model."
+    )
     p.set_defaults(func=_run_fit)
 
 
@@ -93,15 +100,36 @@ def _run_fit(args: argparse.Namespace) -> int:
             encoder=args.encoder,
             checkpoint=args.checkpoint,
             library_key=args.library_key,
+            finetune=args.finetune,
+            num_workers=args.num_workers,
             max_epochs=args.max_epochs,
             batch_size=args.batch_size,
             device=args.device,
             random_state=args.seed,
             progress=not args.no_progress,
         )
-    model.save(args.out)
-    print(f"saved {model!r} to {args.out}")
+    if _rank() == 0:
+        model.save(args.out)
+        print(f"saved {model!r} to {args.out}")
+    _close_process_group()
     return 0
+
+
+def _rank() -> int:
+    """The rank of this process under torchrun (0 otherwise)."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _close_process_group() -> None:
+    """Close the process group a torchrun launch opened (other processes wait for rank 0 to save first)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -113,8 +141,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", type=Path, help="query .h5ad (Visium convention; counts not needed)")
     p.add_argument("--model", type=Path, required=True, help="model folder written by `sthist fit`")
     p.add_argument("--out", type=Path, required=True, help="output .h5ad")
-    p.add_argument("--k", type=int, default=50, help="reference spots retrieved per query (default: 50)")
-    p.add_argument("--weighting", default="average", choices=["average", "distance", "softmax"])
+    p.add_argument("--k", type=int, default=None, help="reference spots retrieved per query (default: the method's)")
+    p.add_argument("--weighting", default=None, choices=["average", "distance", "softmax"])
+    p.add_argument("--index", default="exact", choices=["exact", "faiss-ivf"], help="search (default: exact)")
     p.add_argument("--key-added", default="predicted", help="name of the output layer (default: predicted)")
     p.add_argument("--library-key", default=None, help="obs column with the section of each spot")
     p.add_argument("--keep-patches", action="store_true", help="keep obsm['patches'] in the output file")
@@ -138,6 +167,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         model,
         k=args.k,
         weighting=args.weighting,
+        index=args.index,
         key_added=args.key_added,
         library_key=args.library_key,
         device=args.device,
@@ -148,6 +178,46 @@ def _run_predict(args: argparse.Namespace) -> int:
         out.obsm.pop("patches", None)
     out.write_h5ad(args.out)
     print(f"wrote layers[{args.key_added!r}] ({out.n_obs} spots x {out.n_vars} genes) to {args.out}")
+    return 0
+
+
+def _add_predict_slide(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict-slide",
+        help="predict expression maps of a whole slide without spots",
+        description=(
+            "Detect the tissue of an H&E slide, cover it with pseudo-spots, predict them with a saved model and "
+            "write an .h5ad that squidpy can plot (memory stays bounded on gigapixel slides)."
+        ),
+    )
+    p.add_argument("image", help="the slide: TIFF / OME-TIFF, .svs / .ndpi / ..., JPEG or PNG")
+    p.add_argument("--model", type=Path, required=True, help="model folder written by `sthist fit`")
+    p.add_argument("--out", type=Path, required=True, help="output .h5ad")
+    p.add_argument("--spot-diameter", type=float, default=None, help="pseudo-spot size in µm (default: the model's)")
+    p.add_argument("--mpp", type=float, default=None, help="µm per pixel of the slide (default: from the file)")
+    p.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction a pseudo-spot needs (default: 0.5)")
+    p.add_argument("--store", default=None, help="keep the patches in this .zarr store")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_predict_slide)
+
+
+def _run_predict_slide(args: argparse.Namespace) -> int:
+    import sthist as st
+
+    out = st.tl.predict_slide(
+        args.image,
+        str(args.model),
+        spot_diameter=args.spot_diameter,
+        mpp=args.mpp,
+        min_tissue=args.min_tissue,
+        store=args.store,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    out.obsm.pop("patches", None)  # with --store they stay in the store (its path is in uns['patches'])
+    out.write_h5ad(args.out)
+    print(f"wrote {out.n_obs} pseudo-spots x {out.n_vars} genes to {args.out}")
     return 0
 
 
@@ -198,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_fit(sub)
     _add_predict(sub)
+    _add_predict_slide(sub)
     _add_evaluate(sub)
     return parser
 

@@ -24,12 +24,13 @@ def _load_conf():
     return conf
 
 
-def test_there_are_four_tutorials():
+def test_the_tutorials_are_all_listed():
     assert [p.stem for p in NOTEBOOKS] == [
         "01_quickstart",
         "02_your_own_data",
         "03_comparing_methods",
         "04_scanpy_squidpy",
+        "05_whole_slide",
     ]
 
 

@@ -149,6 +149,14 @@ class Method(nn.Module):
         raise NotImplementedError(f"method {self.name!r} predicts by retrieval, not regression.")
 
 
+def check_positive_ints(config: Any, *names: str) -> None:
+    """Raise unless each named field of a method ``Config`` is a positive ``int`` (``bool`` is not an integer here)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
 class ProjectionHead(nn.Module):
     """BLEEP's projection head: Linear -> GELU -> Linear -> Dropout -> residual -> LayerNorm."""
 

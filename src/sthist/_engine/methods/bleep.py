@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from . import register
-from ._base import Batch, Method, ProjectionHead
+from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
 
 def soft_clip_loss(img_emb: torch.Tensor, expr_emb: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -87,12 +87,7 @@ class BLEEP(Method):
         temperature: float = 1.0
 
         def __post_init__(self):
-            if (
-                isinstance(self.projection_dim, bool)
-                or not isinstance(self.projection_dim, int)
-                or self.projection_dim < 1
-            ):
-                raise ValueError(f"projection_dim must be a positive integer, got {self.projection_dim!r}.")
+            check_positive_ints(self, "projection_dim")
             if not 0.0 <= float(self.dropout) < 1.0:
                 raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
             if not float(self.temperature) > 0.0:

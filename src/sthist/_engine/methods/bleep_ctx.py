@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import register
-from ._base import Batch, ProjectionHead
+from ._base import Batch, ProjectionHead, check_positive_ints
 from .bleep import BLEEP
 
 
@@ -40,8 +40,7 @@ class BLEEPContext(BLEEP):
 
         def __post_init__(self):
             super().__post_init__()
-            if isinstance(self.n_neighbors, bool) or not isinstance(self.n_neighbors, int) or self.n_neighbors < 1:
-                raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}.")
+            check_positive_ints(self, "n_neighbors")
 
     def __init__(self, image_dim: int, n_genes: int, config: Config | None = None):
         super().__init__(image_dim, n_genes, config)

@@ -72,7 +72,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import register
-from ._base import Batch, Method, ProjectionHead
+from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
 
 def soft_clip_loss_per_spot(img_emb: torch.Tensor, expr_emb: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -146,12 +146,6 @@ class FusionBlock(nn.Module):
         return x + self.cross(x, y)
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return value
-
-
 @register("cmrcnet")
 class CMRCNet(Method):
     """CMRCNet: BLEEP-style contrastive heads plus cross-modal masked reconstruction of the image embedding.
@@ -207,8 +201,9 @@ class CMRCNet(Method):
         fusion_layers: int = 2
 
         def __post_init__(self):
-            for name in ("projection_dim", "n_image_tokens", "n_gene_tokens", "attention_heads", "fusion_heads"):
-                _positive_int(name, getattr(self, name))
+            check_positive_ints(
+                self, "projection_dim", "n_image_tokens", "n_gene_tokens", "attention_heads", "fusion_heads"
+            )
             if (
                 isinstance(self.fusion_layers, bool)
                 or not isinstance(self.fusion_layers, int)

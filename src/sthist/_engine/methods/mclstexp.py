@@ -62,7 +62,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import register
-from ._base import Batch, Method, ProjectionHead
+from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
 RECOMMENDED_K = 200
 """Reference spots retrieved per query in the authors' evaluation (``evel_*.py``: ``top_k=200``)."""
@@ -200,11 +200,6 @@ class _Block(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
 @register("mclstexp")
 class MclSTExp(Method):
     """mclSTExp: position embeddings + a Transformer over the spots of a section on the expression side, CLIP loss.
@@ -262,10 +257,9 @@ class MclSTExp(Method):
         n_positions: int = 256
 
         def __post_init__(self):
-            for name in ("projection_dim", "n_layers", "n_heads", "head_dim", "n_positions"):
-                _positive_int(name, getattr(self, name))
+            check_positive_ints(self, "projection_dim", "n_layers", "n_heads", "head_dim", "n_positions")
             if self.mlp_dim is not None:
-                _positive_int("mlp_dim", self.mlp_dim)
+                check_positive_ints(self, "mlp_dim")
             if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
                 raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
             if (

@@ -67,7 +67,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import register
-from ._base import Batch, Method
+from ._base import Batch, Method, check_positive_ints
 
 
 def weighted_info_nce(
@@ -291,10 +291,9 @@ class NH2ST(Method):
         neighbor_context: bool = True
 
         def __post_init__(self):
-            for name in ("n_neighbors", "hyperedge_size", "embed_dim", "hidden_dim", "decoder_dim", "depth", "n_heads"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            check_positive_ints(
+                self, "n_neighbors", "hyperedge_size", "embed_dim", "hidden_dim", "decoder_dim", "depth", "n_heads"
+            )
             if self.embed_dim % self.n_heads:
                 raise ValueError(
                     f"embed_dim={self.embed_dim} must be a multiple of n_heads={self.n_heads}; "

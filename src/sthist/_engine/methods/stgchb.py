@@ -72,7 +72,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import register
-from ._base import Batch, Method, ProjectionHead
+from ._base import Batch, Method, ProjectionHead, check_positive_ints
 from .bleep import soft_clip_loss
 
 _EVAL_SEED = 20240618  # fixed corruption in evaluation, so that validation losses are comparable across epochs
@@ -263,10 +263,7 @@ class STGCHB(Method):
         hsic_weight: float = 1.0
 
         def __post_init__(self):
-            for name in ("n_neighbors", "image_hidden_dim", "expression_hidden_dim", "projection_dim"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            check_positive_ints(self, "n_neighbors", "image_hidden_dim", "expression_hidden_dim", "projection_dim")
             if self.radius is not None and not (
                 isinstance(self.radius, int | float) and not isinstance(self.radius, bool) and self.radius > 0
             ):

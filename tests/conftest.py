@@ -21,3 +21,15 @@ def prepared_toy():
     """``prepared_toy(seed)``: two toy sections (12 x 12 spots, 40 genes) with 48 px patches, ``layers['targets']``
     and ``obsm['X_hed_texture']``; a fresh copy on every call, computed once per seed."""
     return lambda seed=0: _prepared_toy(seed).copy()
+
+
+@pytest.fixture(scope="session")
+def toy_split(prepared_toy):
+    """``toy_split(seed)``: the two sections of ``prepared_toy(seed)`` as (``toy_0``, ``toy_1``), fresh copies."""
+
+    def split(seed: int = 0):
+        adata = prepared_toy(seed)
+        sec = adata.obs["section"].to_numpy()
+        return adata[sec == "toy_0"].copy(), adata[sec == "toy_1"].copy()
+
+    return split

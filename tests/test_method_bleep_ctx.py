@@ -11,10 +11,8 @@ FIT = {"method": "bleep_ctx", "layer": "targets", "library_key": "section", "pro
 
 
 @pytest.fixture(scope="module")
-def split(prepared_toy):
-    adata = prepared_toy(2)
-    sec = adata.obs["section"].to_numpy()
-    return adata[sec == "toy_0"].copy(), adata[sec == "toy_1"].copy()
+def split(toy_split):
+    return toy_split(2)
 
 
 @pytest.fixture(scope="module")

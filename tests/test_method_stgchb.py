@@ -24,14 +24,8 @@ EPOCHS = 30
 
 
 @pytest.fixture(scope="module")
-def prepared(prepared_toy):
-    return prepared_toy(0)
-
-
-@pytest.fixture(scope="module")
-def split(prepared):
-    sec = prepared.obs["section"].to_numpy()
-    return prepared[sec == "toy_0"].copy(), prepared[sec == "toy_1"].copy()
+def split(toy_split):
+    return toy_split(0)
 
 
 @pytest.fixture(scope="module")

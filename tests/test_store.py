@@ -234,12 +234,14 @@ def test_embeddings_from_store_identical(lazy_and_memory, tmp_path, monkeypatch)
         st.pp.embed_patches(lazy, store=tmp_path / "e.zarr", progress=False)
 
 
-def test_iter_blocks_reads_each_chunk_once():
+def test_iter_row_blocks_reads_each_chunk_once():
     import dask.array as da
+
+    from sthist._engine.data import iter_row_blocks
 
     x = np.arange(103 * 2).reshape(103, 2)
     lazy = da.from_array(x, chunks=((30, 7, 40, 26), 2))
-    starts, blocks = zip(*_store.iter_blocks(lazy, 16), strict=True)
+    starts, blocks = zip(*iter_row_blocks(lazy, 16), strict=True)
     assert list(starts) == list(range(0, 103, 16))
     assert [len(b) for b in blocks] == [16] * 6 + [7]
     np.testing.assert_array_equal(np.concatenate(blocks), x)

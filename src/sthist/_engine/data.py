@@ -112,6 +112,31 @@ def row_chunks(array: Any) -> np.ndarray | None:
     return np.unique(np.append(np.arange(0, n, step), n)).astype(np.int64)
 
 
+def iter_row_blocks(array: Any, rows: int):
+    """Yield ``(start, block)`` for consecutive blocks of ``rows`` rows (the last may be shorter), in order.
+
+    In-memory arrays give views. Lazy arrays (dask, zarr) are read one storage chunk (or more, up to a block) at a
+    time, keeping the unused tail for the next block, so every chunk is read once and peak memory is about one
+    chunk plus one block whatever the chunk boundaries are.
+    """
+    n = int(array.shape[0])
+    bounds = row_chunks(array)
+    if bounds is None:  # in memory: views
+        for start in range(0, n, rows):
+            yield start, array[start : start + rows]
+        return
+    block, b0, b1 = None, 0, 0  # rows [b0, b1) are held in block
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        if stop > b1:
+            new_stop = int(bounds[np.searchsorted(bounds, stop, side="left")])  # next chunk boundary >= stop
+            fresh = read_rows(array, slice(b1, new_stop))
+            # blocks are consecutive (b1 >= start): keep the unused tail of the old block
+            block = fresh if block is None or b1 <= start else np.concatenate([block[start - b0 :], fresh])
+            b0, b1 = start, new_stop
+        yield start, block[start - b0 : stop - b0]
+
+
 def _materialise(block: Any, scheduler: str | None) -> np.ndarray:
     if hasattr(block, "compute"):
         block = block.compute(scheduler=scheduler) if scheduler else block.compute()

@@ -554,32 +554,6 @@ def images_to_tensor(patches: np.ndarray | torch.Tensor, device: torch.device, *
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _row_blocks(patches: Any, batch_size: int):
-    """Yield ``(start, stop, rows)`` for consecutive batches of ``batch_size`` rows.
-
-    Lazy arrays are read one storage chunk (or more, up to a batch) at a time, so peak memory is O(chunk + batch),
-    and every chunk is read once.
-    """
-    from .data import read_rows, row_chunks
-
-    n = int(patches.shape[0])
-    bounds = row_chunks(patches)
-    if bounds is None:  # in memory: views
-        for start in range(0, n, batch_size):
-            yield start, min(start + batch_size, n), patches[start : start + batch_size]
-        return
-    block, b0, b1 = None, 0, 0  # rows [b0, b1) are held in block
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        if stop > b1:
-            new_stop = int(bounds[np.searchsorted(bounds, stop, side="left")])  # next chunk boundary >= stop
-            fresh = read_rows(patches, slice(b1, new_stop))
-            # batches are consecutive (b1 >= start): keep the unused tail of the old block
-            block = fresh if block is None or b1 <= start else np.concatenate([block[start - b0 :], fresh])
-            b0, b1 = start, new_stop
-        yield start, stop, block[start - b0 : stop - b0]
-
-
 def encode_patches(
     encoder,
     patches: Any,
@@ -609,6 +583,7 @@ def encode_patches(
     float32 array (n, encoder.out_dim).
     """
     from ._utils import autocast, check_int, progress_bar, resolve_device
+    from .data import iter_row_blocks
 
     patches = check_patches(patches)
     batch_size = check_int("batch_size", batch_size)
@@ -620,10 +595,10 @@ def encode_patches(
     bar = progress_bar(total=n, enabled=progress, desc=f"encoding ({encoder.spec})", leave=False)
     try:
         with torch.inference_mode(), autocast(dev):
-            for start, stop, rows in _row_blocks(patches, batch_size):
+            for start, rows in iter_row_blocks(patches, batch_size):
                 x = images_to_tensor(rows, dev)
-                out[start:stop] = encoder(x).float().cpu().numpy()
-                bar.update(stop - start)
+                out[start : start + rows.shape[0]] = encoder(x).float().cpu().numpy()
+                bar.update(rows.shape[0])
     finally:
         bar.close()
         encoder.train(was_training)

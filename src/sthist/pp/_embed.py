@@ -11,7 +11,7 @@ from .. import _constants as C
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_positive_int
-from ._store import ENCODE_BLOCK, check_store, create_embedding_store, iter_blocks, open_embeddings, remove_store
+from ._store import ENCODE_BLOCK, check_store, create_embedding_store, open_embeddings, remove_store
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -56,6 +56,7 @@ def encode(
     """
     from tqdm.auto import tqdm
 
+    from .._engine.data import iter_row_blocks
     from .._engine.encoders import build_image_encoder, encode_patches
 
     enc = build_image_encoder(encoder, pretrained=pretrained, checkpoint=checkpoint)
@@ -63,7 +64,7 @@ def encode(
     out = np.empty((n, int(enc.out_dim)), dtype=np.float32) if out is None else out(int(enc.out_dim))
     rows = block_rows(batch_size)
     with tqdm(total=n, desc=f"encoding ({encoder})", unit="spot", disable=not progress, leave=False) as bar:
-        for s, block in iter_blocks(patches, rows):
+        for s, block in iter_row_blocks(patches, rows):
             out[s : s + block.shape[0]] = encode_patches(
                 enc, np.ascontiguousarray(block), batch_size=batch_size, device=device, progress=False
             )

@@ -20,7 +20,6 @@ One array per library means that processes extracting different libraries never 
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 from pathlib import Path
@@ -224,43 +223,3 @@ def read_store(path: str | os.PathLike) -> Any:
         f"{str(p)!r} is a zarr group but not a store written by `sthist.pp.extract_patches(store=...)` or "
         "`sthist.pp.embed_patches(store=...)`."
     )
-
-
-def is_lazy(x: Any) -> bool:
-    """Whether ``x`` is an array-like that is not in memory (dask, zarr, h5py, ...)."""
-    return not isinstance(x, np.ndarray) and hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__")
-
-
-def iter_blocks(x: Any, rows: int):
-    """Yield ``(start, numpy block)`` of exactly ``rows`` rows (the last may be shorter), in order.
-
-    Each stored chunk of a dask array is read once: chunks are read one at a time and cut into blocks, carrying the
-    remainder over, so memory stays at about one chunk plus one block whatever the chunk boundaries are.
-    """
-    n = int(x.shape[0])
-    if not is_lazy(x):
-        for s in range(0, n, rows):
-            yield s, x[s : s + rows]
-        return
-    chunks = getattr(x, "chunks", None)
-    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], tuple):  # dask: the chunk sizes along rows
-        sizes = [int(c) for c in chunks[0]]
-    else:  # zarr / h5py: one chunk shape
-        step = int(chunks[0]) if isinstance(chunks, tuple) and chunks else rows
-        sizes = [min(step, n - a) for a in range(0, n, max(step, 1))]
-    bounds = np.cumsum([0, *sizes])
-    pending: list[np.ndarray] = []
-    have = emitted = 0
-    for a, b in itertools.pairwise(bounds):
-        piece = x[int(a) : int(b)]
-        piece = np.asarray(piece.compute(scheduler="synchronous") if hasattr(piece, "compute") else piece)
-        pending.append(piece)
-        have += piece.shape[0]
-        while have >= rows:
-            buf = np.concatenate(pending) if len(pending) > 1 else pending[0]
-            yield emitted, buf[:rows]
-            emitted += rows
-            rest = buf[rows:]
-            pending, have = ([rest] if rest.shape[0] else []), rest.shape[0]
-    if have:
-        yield emitted, np.concatenate(pending) if len(pending) > 1 else pending[0]

@@ -57,6 +57,27 @@ def autocast(device: torch.device):
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def jsonable(obj: Any) -> Any:
+    """Convert a nested structure into plain JSON types.
+
+    Numpy arrays and scalars (e.g. as read back from h5ad) become lists and Python scalars; dict keys become str;
+    non-finite floats become None and other objects their ``str``.
+    """
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    return str(obj)
+
+
 def progress_bar(iterable: Any = None, *, enabled: bool = True, **kwargs: Any):
     """Wrap ``iterable`` in a tqdm progress bar that can be switched off."""
     from tqdm.auto import tqdm

@@ -15,7 +15,6 @@ checks the format, the checksums (so modified or truncated files are caught) and
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from . import bank as _bank
-from ._utils import check_int, progress_bar, resolve_device
+from ._utils import check_int, jsonable, progress_bar, resolve_device
 from .data import (
     FeatureScaler,
     SpotData,
@@ -58,18 +57,6 @@ class _Net(nn.Module):
         self.method = method
         self.scaler = scaler
         self.encoder = encoder
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 class ContrastiveModel:
@@ -418,9 +405,9 @@ class ContrastiveModel:
         doc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "config": _jsonable(self.config),
+            "config": jsonable(self.config),
             "genes": self.genes,
-            "history": _jsonable(self.history),
+            "history": jsonable(self.history),
             "files": {
                 WEIGHTS_FILE: {
                     "sha256": file_sha256(path / WEIGHTS_FILE),

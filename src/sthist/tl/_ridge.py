@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import _logging as logg
 from .._docs import inject_docs
+from .._engine._utils import jsonable
 from .._validate import check_adata, check_positive_int, resolve_genes
 from ._score import _get_matrix
 
@@ -22,25 +23,6 @@ _VERSION = 1
 _JSON = "config.json"  # the name `sthist.tl` model loaders dispatch on (its "method" is "ridge")
 _NPZ = "ridge_model.npz"
 _ARRAYS = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept")
-
-
-def _jsonable(obj: Any) -> Any:
-    """Convert numpy containers/scalars (as read back from h5ad) into JSON-serialisable Python objects."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
-    return str(obj)
 
 
 class RidgeModel:
@@ -176,7 +158,7 @@ class RidgeModel:
             )
         params = adata.uns.get(self.features_key, {})
         params = params.get("params", {}) if isinstance(params, dict) else {}
-        if self.encoder_params and params and _jsonable(params) != self.encoder_params:
+        if self.encoder_params and params and jsonable(params) != self.encoder_params:
             logg.warning(
                 f"the encoder parameters in adata.uns[{self.features_key!r}]['params'] differ from those the model "
                 "was fitted with; predictions are only meaningful with features from the same encoder"
@@ -216,7 +198,7 @@ class RidgeModel:
             "n_features": self.n_features,
             "n_components": self.n_components,
             "random_state": self.random_state,
-            "encoder_params": _jsonable(self.encoder_params),
+            "encoder_params": jsonable(self.encoder_params),
         }
         np.savez(path / _NPZ, **{name: getattr(self, name) for name in _ARRAYS})
         (path / _JSON).write_text(json.dumps(meta, indent=2))
@@ -397,7 +379,7 @@ def fit_ridge(
         intercept=y_mean,
         alpha=alpha_,
         layer=layer,
-        encoder_params=_jsonable(params),
+        encoder_params=jsonable(params),
         random_state=seed,
     )
     logg.info(f"    finished (alpha = {alpha_:.3g})", time=start)

@@ -26,7 +26,7 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,20 @@ _CONVERT_HINT = (
     "8-bit RGB TIFF, e.g. `vips cast in.tif out.tif uchar` or `tifffile.imwrite('out.tif', img8, tile=(256, 256), "
     "compression='jpeg')`."
 )
+
+
+class Level:
+    """One resolution level of a source.
+
+    ``shape`` (H, W), ``downsample`` (dy, dx) from level 0, a ``name``, and ``read(y0, y1)``, which returns the
+    uint8 rows ``y0:y1`` of the level as ``(y1 - y0, W, 3)``.
+    """
+
+    def __init__(self, shape: tuple[int, int], downsample: tuple[float, float], read: Callable, name: str):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.downsample = (float(downsample[0]), float(downsample[1]))
+        self.read = read
+        self.name = name
 
 
 class ImageSource:
@@ -89,6 +103,15 @@ class ImageSource:
 
     def release_above(self, y: int) -> None:
         """Forget cached pixels of rows above ``y``: the caller will not read them again (row-major visits)."""
+
+    def levels(self) -> list[Level]:
+        """The resolution levels, finest first; a source without a pyramid has level 0 only (read in row bands)."""
+        H, W = self.shape
+
+        def read(y0: int, y1: int) -> np.ndarray:
+            return self.read_region(0, y0, W, y1 - y0, pad_value=255)
+
+        return [Level((H, W), (1.0, 1.0), read, f"level 0 ({W} x {H} px, {self.description})")]
 
     def close(self) -> None:
         """Release files held open by the source."""
@@ -403,11 +426,40 @@ class TiffSource(_BlockSource):
             )
             self._init_cache((H, W), max(self.cache_bytes, H * W * 3))
 
-    def _load(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    def _select(self, z: Any, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """The region of a level's zarr array as uint8 (h, w, channels) (levels share level 0's axes)."""
         index = list(self._index)
         index[self._pos["Y"]] = slice(y0, y1)
         index[self._pos["X"]] = slice(x0, x1)
-        return np.ascontiguousarray(np.transpose(self._zarr[tuple(index)], self._order), dtype=np.uint8)
+        return np.ascontiguousarray(np.transpose(z[tuple(index)], self._order), dtype=np.uint8)
+
+    def _load(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        return self._select(self._zarr, x0, y0, x1, y1)
+
+    def levels(self) -> list[Level]:
+        """The 8-bit RGB pyramid levels of the file (level 0 first), each read through its own zarr store.
+
+        Levels with other axes, another dtype or not 3 channels are skipped; without any, the base class's
+        level 0.
+        """
+        import zarr
+
+        series = self._tif.series[0]
+        first = series.levels[0] if getattr(series, "levels", None) else series
+        H0, W0 = self.shape
+        out = []
+        for k, lvl in enumerate(getattr(series, "levels", None) or [series]):
+            axes, shape = lvl.axes, tuple(int(s) for s in lvl.shape)
+            chan = next((a for a in ("S", "C") if a in axes and shape[axes.index(a)] == 3), None)
+            if axes != first.axes or chan is None or np.dtype(lvl.dtype) != np.uint8:
+                continue
+            H, W = shape[axes.index("Y")], shape[axes.index("X")]
+
+            def read(y0: int, y1: int, k=k, W=W) -> np.ndarray:
+                return self._select(zarr.open_array(series.aszarr(level=k), mode="r"), 0, y0, W, y1)
+
+            out.append(Level((H, W), (H0 / H, W0 / W), read, f"TIFF level {k} ({W} x {H} px)"))
+        return out or super().levels()
 
     def close(self) -> None:
         super().close()
@@ -439,6 +491,22 @@ class OpenSlideSource(ImageSource):
         rgb = np.array(rgba[..., :3])
         rgb[rgba[..., 3] == 0] = pad  # openslide returns transparent black where the slide has no data
         return rgb
+
+    def levels(self) -> list[Level]:
+        """The levels of the slide (``level_dimensions`` / ``level_downsamples``), level 0 first."""
+        H0, W0 = self.shape
+        out = []
+        for k, (W, H) in enumerate(self._slide.level_dimensions):
+            ds = float(self._slide.level_downsamples[k])
+
+            def read(y0: int, y1: int, k=k, W=W, ds=ds) -> np.ndarray:
+                rgba = np.asarray(self._slide.read_region((0, round(y0 * ds)), k, (W, y1 - y0)))
+                rgb = np.array(rgba[..., :3])
+                rgb[rgba[..., 3] == 0] = 255  # no data: background
+                return rgb
+
+            out.append(Level((H, W), (H0 / H, W0 / W), read, f"openslide level {k} ({W} x {H} px)"))
+        return out
 
     def close(self) -> None:
         self._slide.close()

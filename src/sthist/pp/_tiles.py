@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from .. import _constants as C
 from .._logging import info
-from ._image import ImageSource, OpenSlideSource, TiffSource, open_image
+from ._image import ImageSource, Level, open_image
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -55,89 +54,7 @@ TILES_KEY = "tile_tissue"  # uns[TILES_KEY]["params"]
 # --------------------------------------------------------------------------------------------- low-res views
 
 
-class _Level:
-    """One resolution level: ``shape`` (H, W), its ``downsample`` (dy, dx) from level 0, ``read(y0, y1)``."""
-
-    def __init__(self, shape: tuple[int, int], downsample: tuple[float, float], read: Callable, name: str):
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.downsample = (float(downsample[0]), float(downsample[1]))
-        self.read = read  # read(y0, y1) -> uint8 (y1 - y0, W, 3)
-        self.name = name
-
-
-def _tiff_levels(src: TiffSource) -> tuple[list[_Level], Callable[[], None]]:
-    """The pyramid levels of a TIFF through tifffile's zarr stores (only the chosen level is ever read)."""
-    import tifffile
-    import zarr
-
-    tif = tifffile.TiffFile(src.path)
-    try:
-        series = tif.series[0]
-        levels = list(getattr(series, "levels", None) or [series])
-        H0, W0 = src.shape
-        out = []
-        for k, lvl in enumerate(levels):
-            axes, shape = lvl.axes, tuple(int(s) for s in lvl.shape)
-            if "Y" not in axes or "X" not in axes:
-                continue
-            chan = next((a for a in ("S", "C") if a in axes and shape[axes.index(a)] == 3), None)
-            if chan is None or np.dtype(lvl.dtype) != np.uint8:
-                continue  # not an 8-bit RGB level: skip it (level 0 was checked by TiffSource)
-            H, W = shape[axes.index("Y")], shape[axes.index("X")]
-
-            def read(y0: int, y1: int, k=k, axes=axes, chan=chan, W=W) -> np.ndarray:
-                z = zarr.open_array(series.aszarr(level=k), mode="r")
-                index: list[Any] = [slice(None) if a in ("X", chan) else 0 for a in axes]
-                index[axes.index("Y")] = slice(y0, y1)
-                kept = [a for a in axes if a in ("Y", "X", chan)]
-                arr = np.transpose(z[tuple(index)], [kept.index(a) for a in ("Y", "X", chan)])
-                return np.ascontiguousarray(arr, dtype=np.uint8)
-
-            out.append(_Level((H, W), (H0 / H, W0 / W), read, f"TIFF level {k} ({W} x {H} px)"))
-    except Exception:
-        tif.close()
-        raise
-    return out, tif.close
-
-
-def _openslide_levels(src: OpenSlideSource) -> tuple[list[_Level], Callable[[], None]]:
-    """The levels of an openslide slide (``level_dimensions`` / ``level_downsamples``)."""
-    import openslide
-
-    slide = openslide.OpenSlide(str(src.path))
-    H0, W0 = src.shape
-    out = []
-    for k, (W, H) in enumerate(slide.level_dimensions):
-        ds = float(slide.level_downsamples[k])
-
-        def read(y0: int, y1: int, k=k, W=W, ds=ds) -> np.ndarray:
-            rgba = np.asarray(slide.read_region((0, round(y0 * ds)), k, (W, y1 - y0)))
-            rgb = np.array(rgba[..., :3])
-            rgb[rgba[..., 3] == 0] = 255  # no data: background
-            return rgb
-
-        out.append(_Level((H, W), (H0 / H, W0 / W), read, f"openslide level {k} ({W} x {H} px)"))
-    return out, slide.close
-
-
-def _levels(src: ImageSource) -> tuple[list[_Level], Callable[[], None]]:
-    """Resolution levels of a source, finest first; sources without a pyramid have level 0 only."""
-    if isinstance(src, TiffSource):
-        levels, close = _tiff_levels(src)
-        if levels:
-            return levels, close
-        close()
-    elif isinstance(src, OpenSlideSource):
-        return _openslide_levels(src)
-    H, W = src.shape
-
-    def read(y0: int, y1: int) -> np.ndarray:
-        return src.read_region(0, y0, W, y1 - y0, pad_value=255)
-
-    return [_Level((H, W), (1.0, 1.0), read, f"level 0 ({W} x {H} px, {src.description})")], lambda: None
-
-
-def _reduce(level: _Level, f: int) -> np.ndarray:
+def _reduce(level: Level, f: int) -> np.ndarray:
     """Average ``level`` over ``f`` x ``f`` blocks, band by band; the last blocks are padded with white."""
     H, W = level.shape
     h, w = -(-H // f), -(-W // f)
@@ -164,16 +81,13 @@ def _low_res_view(src: ImageSource, spot_px: float) -> tuple[np.ndarray, tuple[f
     longest = max(H0, W0)
     want = min(spot_px / DETECT_PX_PER_SPOT, longest / DETECT_MIN_SIDE)
     want = max(1.0, want, longest / DETECT_MAX_SIDE)
-    levels, close = _levels(src)
-    try:
-        # the coarsest level that is not coarser than wanted (level 0 always qualifies)
-        fine_enough = [lv for lv in levels if max(lv.downsample) <= want * 1.01] or levels[:1]
-        level = max(fine_enough, key=lambda lv: max(lv.downsample))
-        f = max(1, round(want / max(level.downsample)))
-        f = max(f, math.ceil(max(level.shape) / DETECT_MAX_SIDE))
-        view = _reduce(level, f)
-    finally:
-        close()
+    levels = src.levels()
+    # the coarsest level that is not coarser than wanted (level 0 always qualifies)
+    fine_enough = [lv for lv in levels if max(lv.downsample) <= want * 1.01] or levels[:1]
+    level = max(fine_enough, key=lambda lv: max(lv.downsample))
+    f = max(1, round(want / max(level.downsample)))
+    f = max(f, math.ceil(max(level.shape) / DETECT_MAX_SIDE))
+    view = _reduce(level, f)
     pixel = (level.downsample[0] * f, level.downsample[1] * f)
     record = {
         "detection_level": level.name,

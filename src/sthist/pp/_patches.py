@@ -313,7 +313,8 @@ def extract_patches(
         plans = []
         for li, lib in enumerate(libs):
             src = _open_library(adata, lib, image, image_key, pad_value)
-            stack.enter_context(src)
+            if src is not (image.get(lib) if isinstance(image, dict) else image):
+                stack.enter_context(src)  # close what this call opened; an open source passed in stays open
             idx = np.flatnonzero(codes == li)
             source_mpp = _scalefactor_mpp(adata, lib) or src.mpp
             if mpp is not None and source_mpp is None:

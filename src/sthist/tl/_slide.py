@@ -26,24 +26,6 @@ _FN = "sthist.tl.predict_slide"
 DEFAULT_CHUNK = 2048
 
 
-class _Shared(ImageSource):
-    """An open source lent to several :func:`extract_patches` calls: closing it does nothing (the owner closes)."""
-
-    def __init__(self, src: ImageSource):
-        self._src = src
-        self.shape = src.shape
-        self.mpp = src.mpp
-        self.block_shape = src.block_shape
-        self.description = src.description
-        self.pad_value = src.pad_value
-
-    def read_region(self, x0: int, y0: int, w: int, h: int, *, pad_value: int | None = None) -> np.ndarray:
-        return self._src.read_region(x0, y0, w, h, pad_value=self.pad_value if pad_value is None else pad_value)
-
-    def release_above(self, y: int) -> None:
-        self._src.release_above(y)
-
-
 def _model_geometry(model: Any) -> tuple[int | None, float | None]:
     """Patch size and µm per pixel the model was trained on (``None`` where it does not record them)."""
     if hasattr(model, "config") and isinstance(model.config, dict):
@@ -295,15 +277,14 @@ def predict_slide(
         "device": device,
     }
     with open_image(image, image_key=image_key, what="image") as src:
-        shared = _Shared(src)
 
         def patches_of(idx: np.ndarray) -> AnnData:
             sub = _chunk_adata(tiles, idx, library_id)
-            extract_patches(sub, patch_size=S, mpp=patch_mpp, image=shared, library_id=library_id, progress=False)
+            extract_patches(sub, patch_size=S, mpp=patch_mpp, image=src, library_id=library_id, progress=False)
             return sub
 
         if finetuned or store is not None:
-            out = _predict_from_store(tiles, model, shared, store, S, patch_mpp, library_id, predict_kw, progress)
+            out = _predict_from_store(tiles, model, src, store, S, patch_mpp, library_id, predict_kw, progress)
         else:
             feats, features_key, feat_params = _encode_in_chunks(
                 tiles, model, chunks, patches_of, batch_size, device, progress

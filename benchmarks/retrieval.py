@@ -67,7 +67,7 @@ def main() -> None:
         for n_probe in args.n_probe:
             fb.index.nprobe = min(n_probe, fb.n_list)
             t = time.perf_counter()
-            _, approx = bank._search_tile(torch.from_numpy(query), fb, args.k)
+            _, approx = fb.search(torch.from_numpy(query), args.k)
             t_search = time.perf_counter() - t
             approx = approx.numpy()
             recall = float(np.mean([np.intersect1d(a, b).size / args.k for a, b in zip(exact, approx, strict=True)]))

@@ -112,6 +112,10 @@ class _Bank:
         t = torch.from_numpy(keys)
         self.keys = t.to(device) if self.on_device else t
 
+    def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k similarities and bank indices of one query tile (see :func:`_topk_tile`)."""
+        return _topk_tile(q, self, k)
+
     def tiles(self):
         for s in range(0, self.n, self.tk):
             kc = self.keys[s : s + self.tk]
@@ -122,6 +126,11 @@ class _Bank:
             if self.similarity == "cosine":
                 kc = F.normalize(kc, dim=-1)
             yield s, kc
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (as ``F.normalize``: zero rows stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _topk_tile(q: torch.Tensor, bank: _Bank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +168,10 @@ class _FaissBank:
         self.tq = 4096
         self.n = keys.shape[0]
         self.keys = keys
+        self._exact = None  # built on first need: the exact search that completes short result rows
         x = np.ascontiguousarray(keys, dtype=np.float32)
         if similarity == "cosine":
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            x = _unit_rows(x)
         n_list = int(max(1, min(np.sqrt(self.n), self.n // 39)))
         quantizer = faiss.IndexFlatIP(x.shape[1])
         self.index = faiss.IndexIVFFlat(quantizer, x.shape[1], n_list, faiss.METRIC_INNER_PRODUCT)
@@ -172,22 +182,20 @@ class _FaissBank:
         self.index.nprobe = min(n_probe, n_list)
         self.n_list = n_list
 
-
-def _search_tile(q: torch.Tensor, bank: _Bank | _FaissBank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k similarities and bank indices of one query tile, exact (:class:`_Bank`) or approximate (faiss)."""
-    if isinstance(bank, _Bank):
-        return _topk_tile(q, bank, k)
-    x = q.float().cpu().numpy()
-    if bank.similarity == "cosine":
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    sims, idx = bank.index.search(np.ascontiguousarray(x), k)
-    if (idx < 0).any():
-        # fewer than k keys in the visited lists: fill from an exact search of those rows (rare; small n_probe)
-        rows = np.flatnonzero((idx < 0).any(axis=1))
-        exact = _Bank(bank.keys, bank.similarity, torch.device("cpu"))
-        s2, i2 = _topk_tile(q[torch.as_tensor(rows, device=q.device)].float().cpu(), exact, k)
-        sims[rows], idx[rows] = s2.numpy(), i2.numpy()
-    return torch.from_numpy(sims).to(q.device), torch.from_numpy(idx).to(q.device)
+    def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Approximate top-k similarities and bank indices of one query tile."""
+        x = q.float().cpu().numpy()
+        if self.similarity == "cosine":
+            x = _unit_rows(x)
+        sims, idx = self.index.search(np.ascontiguousarray(x), k)
+        if (idx < 0).any():
+            # fewer than k keys in the visited lists: fill from an exact search of those rows (rare; small n_probe)
+            rows = np.flatnonzero((idx < 0).any(axis=1))
+            if self._exact is None:
+                self._exact = _Bank(self.keys, self.similarity, torch.device("cpu"))
+            s2, i2 = self._exact.search(q[torch.as_tensor(rows, device=q.device)].float().cpu(), k)
+            sims[rows], idx[rows] = s2.numpy(), i2.numpy()
+        return torch.from_numpy(sims).to(q.device), torch.from_numpy(idx).to(q.device)
 
 
 def _make_bank(keys: np.ndarray, similarity: str, device: torch.device, index: str, n_probe: int):
@@ -235,7 +243,7 @@ def topk_search(
     idx = np.empty((query.shape[0], k), dtype=np.int64)
     with torch.inference_mode():
         for s, q in _query_tiles(query, chunk_size, bank):
-            v, i = _search_tile(q, bank, k)
+            v, i = bank.search(q, k)
             sims[s : s + v.shape[0]] = v.cpu().numpy()
             idx[s : s + v.shape[0]] = i.cpu().numpy()
     return sims, idx
@@ -322,7 +330,7 @@ def retrieve(
         for s, q in progress_bar(
             _query_tiles(query, chunk_size, bank), enabled=progress, total=n_tiles, desc="retrieving", leave=False
         ):
-            sims, idx = _search_tile(q, bank, k)
+            sims, idx = bank.search(q, k)
             for r in range(0, q.shape[0], rows):
                 sl = slice(r, r + rows)
                 w = _weights(sims[sl], idx[sl], q[sl], keys_host, weighting, temperature, dev)

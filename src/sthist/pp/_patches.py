@@ -467,14 +467,19 @@ def _rows_per_pass(S: int) -> int:
     return _store.PATCH_CHUNK * max(1, _store.BUFFER_BYTES // per_chunk)
 
 
-def _extract_rows(src: ImageSource, xy: np.ndarray, S: int, R: int, border: np.ndarray, write: Any, bar: Any) -> None:
-    """Extract one library into a store, a buffer of whole chunks at a time (each buffer in tile order)."""
+def _extract_to_store(src: ImageSource, xy: np.ndarray, S: int, R: int, store: Any, name: str, bar: Any) -> np.ndarray:
+    """Extract one library into its array ``name`` of the store; return the library's border flags.
+
+    A buffer of whole chunks is filled at a time, each buffer in tile order.
+    """
+    border = np.zeros(len(xy), dtype=bool)
     step = _rows_per_pass(S)
     buf = np.empty((min(step, len(xy)), S, S, 3), dtype=np.uint8)
     for s in range(0, len(xy), step):
         e = min(s + step, len(xy))
         _extract_library(src, xy[s:e], np.arange(e - s), S, R, buf, border[s:e], bar)
-        write(s, buf[: e - s])
+        _store.write_rows(store, name, s, buf[: e - s])
+    return border
 
 
 class _NoBar:
@@ -486,14 +491,13 @@ def _library_job(
     path: str, image_key: str | None, pad_value: int, lib: str, xy: np.ndarray, S: int, R: int, store, name: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Worker process: extract one library from its file; write to ``store`` or return the patches."""
-    border = np.zeros(len(xy), dtype=bool)
     with open_image(path, image_key=image_key, pad_value=pad_value, what=f"the image of library {lib!r}") as src:
-        if store is None:
-            out = np.empty((len(xy), S, S, 3), dtype=np.uint8)
-            _extract_library(src, xy, np.arange(len(xy)), S, R, out, border, _NoBar())
-            return border, out
-        _extract_rows(src, xy, S, R, border, lambda s, blk: _store.write_rows(store, name, s, blk), _NoBar())
-    return border, None
+        if store is not None:
+            return _extract_to_store(src, xy, S, R, store, name, _NoBar()), None
+        border = np.zeros(len(xy), dtype=bool)
+        out = np.empty((len(xy), S, S, 3), dtype=np.uint8)
+        _extract_library(src, xy, np.arange(len(xy)), S, R, out, border, _NoBar())
+        return border, out
 
 
 def _run_extraction(plans, paths, coords, S, n, n_jobs, pad_value, store_path, codes, libs, progress):
@@ -523,13 +527,8 @@ def _run_extraction(plans, paths, coords, S, n, n_jobs, pad_value, store_path, c
                     if store_path is None:
                         _extract_library(src, coords[idx], idx, S, R, patches, border, bar)
                     else:
-                        lib_border = np.zeros(len(idx), dtype=bool)
                         name = _store.array_name(li)
-                        _extract_rows(
-                            src, coords[idx], S, R, lib_border,
-                            lambda s, blk, name=name: _store.write_rows(store_path, name, s, blk), bar,
-                        )  # fmt: skip
-                        border[idx] = lib_border
+                        border[idx] = _extract_to_store(src, coords[idx], S, R, store_path, name, bar)
             else:
                 _parallel(plans, paths, coords, S, n_jobs, pad_value, store_path, patches, border, bar)
     except BaseException:

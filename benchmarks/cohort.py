@@ -279,7 +279,8 @@ def child(args: argparse.Namespace) -> dict:
     if args.ridge:  # a second accuracy figure, after the pipeline's peak was taken
         ridge = timed("fit_ridge", st.tl.fit_ridge, ref, features_key="X_hed_texture", layer="targets")
         query.layers["ridge"] = np.full(query.shape, np.nan, dtype=np.float32)
-        query.layers["ridge"][:, query.var_names.get_indexer(ridge.genes)] = ridge.predict(query)
+        cols = query.var_names.get_indexer(ridge.genes)
+        query.layers["ridge"][:, cols] = ridge.predict(features=np.asarray(query.obsm["X_hed_texture"])).expression
         ridge_table = st.tl.score_prediction(query, layer="ridge", true_layer="targets", inplace=False)
         ridge_pcc = float(ridge_table.loc["all", "pcc_all"])
     informative = [f"g{g:03d}" for g in range(N_INFORMATIVE)]

@@ -98,7 +98,8 @@ def test_fit_and_predict_options_reach_the_api(tmp_path, monkeypatch):
         main(["fit", str(path), "--out", str(tmp_path / "m"), "--finetune", "--num-workers", "3", "--no-progress"])
     assert seen["fit"]["finetune"] is True and seen["fit"]["num_workers"] == 3
     monkeypatch.setattr(st.tl, "predict_expression", fake_predict)
-    monkeypatch.setattr("sthist.tl._utils.load_model", lambda p: SimpleNamespace(config={}))  # reach the call only
+    inputs = SimpleNamespace(patch_size=None, mpp=None)
+    monkeypatch.setattr(st.tl, "load_model", lambda p: SimpleNamespace(inputs=inputs))  # reach the call only
     monkeypatch.setattr("sthist._cli._prepare", lambda *a, **k: None)
     with pytest.raises(Stop):
         main(["predict", str(path), "--model", str(tmp_path), "--out", str(tmp_path / "o.h5ad"), "--index", "faiss-ivf"])

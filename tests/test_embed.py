@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 
 import anndata as ad
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import sthist
+from sthist._engine.base import state_sha256
 from sthist._engine.encoders import EncoderUnavailableError, build_image_encoder, encode_patches
 
 torch.set_num_threads(1)
@@ -46,6 +48,7 @@ def test_embed_patches_default_encoder():
         "encoder": "hed-texture",
         "pretrained": False,
         "checkpoint": "",
+        "weights_sha256": "",  # the hed-texture encoder has no weights
         "out_dim": expected.shape[1],
         "patches_key": "patches",
     }
@@ -73,7 +76,11 @@ def test_embed_patches_timm_random_init():
     adata = _adata(n=4)
     sthist.pp.embed_patches(adata, encoder="resnet18", batch_size=2, progress=False, device="cpu")
     assert adata.obsm["X_resnet18"].shape == (4, 512)
-    assert adata.uns["X_resnet18"]["params"]["out_dim"] == 512
+    params = adata.uns["X_resnet18"]["params"]
+    assert params["out_dim"] == 512
+    # a hex SHA-256 of the weights used (the random initialisation of resnet18 is deterministic)
+    assert re.fullmatch(r"[0-9a-f]{64}", params["weights_sha256"])
+    assert params["weights_sha256"] == state_sha256(build_image_encoder("resnet18", pretrained=False))
 
 
 @pytest.mark.parametrize(

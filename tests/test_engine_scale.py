@@ -187,7 +187,7 @@ def test_frozen_mode_encodes_lazy_patches_like_numpy(toy, lazy):
 
 
 def test_fit_options_are_validated_and_recorded(toy):
-    sig = inspect.signature(train.fit)
+    sig = inspect.signature(train._prepare)  # fit(**kwargs) hands its keywords to _prepare
     assert sig.parameters["compile"].default is False
     assert sig.parameters["num_workers"].default is None
     with pytest.raises(ValueError, match="num_workers"):

@@ -48,7 +48,7 @@ def split(toy_split):
 def trained(split):
     train, _ = split
     train = train.copy()
-    # the paper's training settings (lr 1e-4, batch 64, at most 60 epochs) come from CMRCNet.training_defaults
+    # the paper's training settings (lr 1e-4, batch 64, at most 60 epochs) come from CMRCNet.recipe
     model = st.tl.fit_contrastive(train, method_kwargs=SMALL, random_state=0, **FIT)
     return train, model
 
@@ -62,7 +62,10 @@ def test_registered_with_paper_defaults():
     assert CMRCNet.prediction == "retrieval" and CMRCNet.similarity == "cosine"
     assert not CMRCNet.needs_neighbors and not CMRCNet.needs_coords and not CMRCNet.batch_by_group
     # the authors' config.py / train.py and inference.py
-    assert CMRCNet.training_defaults == {"lr": 1e-4, "batch_size": 64, "max_epochs": 60, "weight_decay": 1e-3}
+    recipe = CMRCNet.recipe
+    assert (recipe.optimizer.name, recipe.optimizer.lr, recipe.optimizer.weight_decay) == ("adamw", 1e-4, 1e-3)
+    assert (recipe.batch_size, recipe.max_epochs) == (64, 60)
+    assert recipe.stages == () and recipe.schedule.name == "constant" and recipe.select_on == "val_loss"
     assert CMRCNet.prediction_defaults == {"k": 50, "weighting": "average"}
     cfg = CMRCNet.Config()
     assert (cfg.projection_dim, cfg.dropout, cfg.temperature) == (256, 0.1, 1.0)
@@ -119,15 +122,17 @@ def test_loss_is_sum_of_log1p_terms():
     gen = torch.Generator().manual_seed(1)
     batch = Batch(img_feats=torch.randn(7, 10, generator=gen), expression=torch.rand(7, 20, generator=gen))
     torch.manual_seed(3)
-    loss, parts = m.loss(batch)
+    terms = m.loss(batch)
+    assert set(terms) == {"contrastive", "reconstruction"}
+    loss = sum(terms.values())
     img, spot = m.embed_image(batch.img_feats), m.embed_expression(batch.expression)
     torch.manual_seed(3)  # the same mask
     recon = m.reconstruct(batch.img_feats, batch.expression)
     contrastive = torch.log1p(soft_clip_loss_per_spot(img, spot)).mean()  # log(1 + l) per spot, then the mean
     reconstruction = torch.log1p(((recon - img) ** 2).mean())
     torch.testing.assert_close(loss, contrastive + reconstruction)
-    torch.testing.assert_close(parts["contrastive"], contrastive)
-    torch.testing.assert_close(parts["reconstruction"], reconstruction)
+    torch.testing.assert_close(terms["contrastive"], contrastive)
+    torch.testing.assert_close(terms["reconstruction"], reconstruction)
 
 
 def test_masking_and_cross_modal_dependence():
@@ -173,8 +178,9 @@ def test_learns_informative_genes_and_beats_shuffled_control(split, trained):
     assert train.uns["contrastive"]["params"]["method"] == "cmrcnet"
     assert train.uns["contrastive"]["params"]["config"]["n_image_tokens"] == 4
     assert set(model.history["train_components"]) == {"contrastive", "reconstruction"}
-    training = model.config["training"]
-    assert (training["lr"], training["batch_size"], training["max_epochs"]) == (1e-4, 64, 60)
+    plan = model.config["plan"]
+    assert (plan["optimizer"]["lr"], plan["batch_size"], plan["max_epochs"]) == (1e-4, 64, 60)
+    assert [(s["name"], s["epochs"]) for s in plan["stages"]] == [("main", 60)]
     assert train.obsm["X_contrastive_image"].shape == (train.n_obs, 32)
     shuffled = train.copy()
     shuffled.layers["targets"] = shuffled.layers["targets"][np.random.default_rng(0).permutation(shuffled.n_obs)]
@@ -240,8 +246,10 @@ def test_bad_method_kwargs_raise_and_leave_adata_unchanged(split, kwargs, messag
 
 def test_fusion_layers_zero_skips_the_fusion_block():
     m = CMRCNet(12, 9, CMRCNet.make_config({**SMALL, "fusion_layers": 0}))
-    loss, parts = m.loss(Batch(img_feats=torch.randn(4, 12), expression=torch.rand(4, 9)))
-    assert torch.isfinite(loss) and set(parts) == {"contrastive", "reconstruction"}
+    terms = m.loss(Batch(img_feats=torch.randn(4, 12), expression=torch.rand(4, 9)))
+    assert set(terms) == {"contrastive", "reconstruction"}
+    assert all(t.ndim == 0 and torch.isfinite(t) for t in terms.values())
+    assert torch.isfinite(sum(terms.values()))
 
 
 def test_fine_tuning_trains_the_encoder():

@@ -78,7 +78,11 @@ def test_registered_with_paper_defaults():
     cfg = MclSTExp.Config()
     assert (cfg.projection_dim, cfg.temperature, cfg.n_layers, cfg.n_heads, cfg.head_dim) == (256, 1.0, 2, 8, 64)
     assert cfg.mlp_dim is None and cfg.dropout == 0.0 and cfg.n_positions == 256
-    assert MclSTExp.training_defaults == {"lr": 1e-4, "batch_size": 128, "max_epochs": 90}
+    recipe = MclSTExp.recipe
+    assert (recipe.optimizer.lr, recipe.batch_size, recipe.max_epochs) == (1e-4, 128, 90)
+    # the authors' AdamW; weight decay is the engine's default (1e-3), as before
+    assert (recipe.optimizer.name, recipe.optimizer.weight_decay) == ("adamw", 1e-3)
+    assert recipe.stages == () and recipe.schedule.name == "constant" and recipe.select_on == "val_loss"
     assert (RECOMMENDED_K, RECOMMENDED_WEIGHTING) == (200, "distance")
     m = MclSTExp(10, 30)
     assert len(m.spot_encoder) == 2 and m.spot_encoder[0].ff[0].out_features == 30  # mlp_dim = n_genes

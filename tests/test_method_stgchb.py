@@ -180,17 +180,51 @@ def test_loss_components_and_gradients():
     torch.manual_seed(0)
     m = stgchb.STGCHB(8, 12)
     batch = _batch()
-    loss, logs = m.loss(batch)
-    assert set(logs) == {"align", "dgi_image", "dgi_expression", "hsic_image", "hsic_expression"}
-    assert all(torch.isfinite(v) for v in logs.values()) and torch.isfinite(loss)
-    expected = logs["align"] + logs["dgi_image"] + logs["dgi_expression"] + logs["hsic_image"] + logs["hsic_expression"]
-    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    terms = m.loss(batch)
+    assert set(terms) == {"align", "dgi", "hsic"}
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in terms.values())
+    loss = sum(terms.values())
+    assert torch.isfinite(loss)
     loss.backward()
     for name in ("image_dgi.gcn.fc.weight", "expression_dgi.gcn.fc.weight", "image_dgi.disc.weight"):
         assert dict(m.named_parameters())[name].grad.abs().sum() > 0, name
     # evaluation uses a fixed corruption: the validation loss is repeatable
     m.eval()
-    assert float(m.loss(batch)[0]) == float(m.loss(batch)[0])
+    with torch.no_grad():
+        first, again = m.loss(batch), m.loss(batch)
+    assert all(float(first[k]) == float(again[k]) for k in first)
+
+    # the terms are align, dgi_weight * (DGI of the image graph + DGI of the expression graph) and
+    # hsic_weight * (HSIC bottleneck of the image side + of the expression side); recomputed from the pieces
+    # with non-unit weights (same parameters; eval mode: no dropout and the fixed corruption)
+    cfg = stgchb.STGCHB.make_config({"dgi_weight": 0.3, "hsic_weight": 2.0})
+    w = stgchb.STGCHB(8, 12, cfg).eval()
+    w.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        got = w.loss(batch)
+        perm = w._perm_fn()  # the evaluation permutation, drawn image side first, then expression side
+        h_img, mask = w._hidden_image(batch.img_feats, batch)
+        c_img, c_img_nb = stgchb._corrupt(
+            batch.img_feats, batch.neighbor_img_feats, batch.index, batch.neighbor_index, mask, perm
+        )
+        dgi_image = w.image_dgi.loss(h_img, w.image_dgi.gcn(c_img, c_img_nb, mask))
+        h_expr, _ = w._hidden_expression(batch.expression, batch)
+        c_expr, c_expr_nb = stgchb._corrupt(
+            batch.expression, batch.neighbor_expression, batch.index, batch.neighbor_index, mask, perm
+        )
+        dgi_expression = w.expression_dgi.loss(h_expr, w.expression_dgi.gcn(c_expr, c_expr_nb, mask))
+        e_img, e_expr = w.image_projection(h_img), w.expression_projection(h_expr)
+        align = stgchb.soft_clip_loss(e_img, e_expr, cfg.temperature)
+        hsic_image = stgchb.hsic_bottleneck(batch.img_feats, h_img, e_img, beta=cfg.beta, sigma=cfg.sigma)
+        hsic_expression = stgchb.hsic_bottleneck(batch.expression, h_expr, e_expr, beta=cfg.beta, sigma=cfg.sigma)
+    assert all(torch.isfinite(v) for v in (dgi_image, dgi_expression, hsic_image, hsic_expression))
+    assert float(got["align"]) == pytest.approx(float(align), rel=1e-5)
+    assert float(got["dgi"]) == pytest.approx(0.3 * float(dgi_image + dgi_expression), rel=1e-5)
+    assert float(got["hsic"]) == pytest.approx(2.0 * float(hsic_image + hsic_expression), rel=1e-5)
+    # the unit-weight model of the same parameters: the same alignment, the weights scale only their terms
+    assert float(got["align"]) == pytest.approx(float(first["align"]), rel=1e-5)
+    assert float(got["dgi"]) == pytest.approx(0.3 * float(first["dgi"]), rel=1e-5)
+    assert float(got["hsic"]) == pytest.approx(2.0 * float(first["hsic"]), rel=1e-5)
     # the discriminator term is DGI's BCE: real nodes scored against the summary, corrupted ones as negatives
     h = torch.randn(5, m.config.image_hidden_dim)
     hc = torch.randn(5, m.config.image_hidden_dim)
@@ -259,7 +293,11 @@ def test_learns_informative_genes_and_beats_shuffled_control(split, fitted):
     assert model.config["similarity"] == "dot" and model.bank_embeddings.shape == (train.n_obs, 128)
     hist = model.history
     assert min(hist["val_loss"]) < hist["val_loss"][0]
-    assert set(hist["train_components"]) == {"align", "dgi_image", "dgi_expression", "hsic_image", "hsic_expression"}
+    assert set(hist["train_components"]) == {"align", "dgi", "hsic"}
+    assert all(len(v) == len(hist["train_loss"]) for v in hist["train_components"].values())
+    # the engine's training loss is the sum of the terms
+    total = np.sum([hist["train_components"][k] for k in ("align", "dgi", "hsic")], axis=0)
+    np.testing.assert_allclose(total, hist["train_loss"], rtol=1e-5)
     assert train.obsm["X_contrastive_image"].shape == (train.n_obs, 128)
 
     shuffled = train.copy()

@@ -79,14 +79,141 @@ def _close():
     plt.close("all")
 
 
-def _scored(adata: ad.AnnData) -> ad.AnnData:
-    adata = adata.copy()
-    score_prediction(adata)
+def _collections(ax: Axes) -> list[EllipseCollection]:
+    return [c for c in ax.collections if isinstance(c, EllipseCollection)]
+
+
+# --------------------------------------------------------------------------- conventions of every plot
+HISTORY = {"train_loss": [3.0, 2.0, 1.5, 1.2], "val_loss": [3.2, 2.4, 2.0, 2.1], "best_epoch": 2}
+
+
+def _scored_visium() -> ad.AnnData:
+    adata = _visium()
+    score_prediction(adata, n_top=8)
+    adata.uns["contrastive"] = {"params": {"method": "bleep"}, "history": HISTORY}  # as fit_contrastive writes it
     return adata
 
 
-def _collections(ax: Axes) -> list[EllipseCollection]:
-    return [c for c in ax.collections if isinstance(c, EllipseCollection)]
+def _drawn_spots(ax: Axes) -> int:
+    return sum(len(c.get_offsets()) for c in _collections(ax))
+
+
+def _drawn_heatmaps(ax: Axes) -> int:
+    return len(ax.images) + sum(len(c.get_offsets()) for c in ax.collections)
+
+
+def _drawn_bars(ax: Axes) -> int:
+    return len(ax.patches)
+
+
+def _drawn_lines(ax: Axes) -> int:
+    return len([ln for ln in ax.get_lines() if ln.get_label() in {"train", "validation"}])
+
+
+# name -> (call, number of Axes returned (None: one Axes, not a list), what one panel draws, expected count)
+PLOTS = {
+    "predicted_vs_true": (lambda a, **kw: pl.predicted_vs_true(a, ["G0", "G3"], **kw), 4, _drawn_spots, 36),
+    "gene_correlation": (lambda a, **kw: pl.gene_correlation(a, **kw), 3, _drawn_heatmaps, 1),
+    "scores": (lambda a, **kw: pl.scores(a, n_genes=3, **kw), None, _drawn_bars, 7),
+    "training_history": (lambda a, **kw: pl.training_history(a, **kw), None, _drawn_lines, 2),
+}
+SINGLE_PANEL = [name for name, (_, n, _, _) in PLOTS.items() if n is None]
+
+
+def test_every_public_plot_is_covered():
+    import sthist as st
+
+    assert set(st.pl.__all__) == set(PLOTS)
+
+
+@pytest.fixture
+def shown(monkeypatch):
+    """Calls of ``plt.show``, recorded instead of shown."""
+    calls: list[int] = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: calls.append(1))
+    return calls
+
+
+@pytest.fixture
+def autoshow():
+    """Set ``scanpy.settings.autoshow`` for one test (a property of scanpy's settings: set and restore by hand)."""
+    from scanpy import settings
+
+    before = settings.autoshow
+    yield lambda value: setattr(settings, "autoshow", value)
+    settings.autoshow = before
+
+
+def _as_list(out, n_axes):
+    if n_axes is None:
+        assert isinstance(out, Axes)
+        return [out]
+    assert isinstance(out, list) and len(out) == n_axes and all(isinstance(a, Axes) for a in out)
+    return out
+
+
+@pytest.mark.parametrize("name", list(PLOTS))
+def test_plot_show_false_returns_the_axes(name, shown):
+    call, n_axes, drawn, expected = PLOTS[name]
+    adata = _scored_visium()
+    before = _snapshot(adata)
+    axes = _as_list(call(adata, show=False), n_axes)
+    assert drawn(axes[0]) == expected
+    assert len({id(a.get_figure(root=True)) for a in axes}) == 1  # one figure
+    assert plt.get_fignums() == [axes[0].get_figure(root=True).number]
+    assert shown == []
+    _assert_same(adata, before)
+
+
+@pytest.mark.parametrize("name", list(PLOTS))
+def test_plot_return_fig_returns_the_figure(name, shown, autoshow):
+    call, n_axes, drawn, expected = PLOTS[name]
+    autoshow(True)  # return_fig wins over autoshow: the figure comes back and is not shown
+    fig = call(_scored_visium(), return_fig=True)
+    assert isinstance(fig, Figure)
+    assert shown == []
+    every = [*fig.axes, *(a for sub in fig.subfigs for a in sub.axes)]  # fig.axes lists subfigures' axes or not
+    panels = [a for a in dict.fromkeys(every) if a.get_label() != "<colorbar>"]
+    assert len(panels) == (1 if n_axes is None else n_axes)
+    assert drawn(panels[0]) == expected
+
+
+@pytest.mark.parametrize("name", list(PLOTS))
+def test_plot_show_follows_autoshow(name, shown, autoshow):
+    call, n_axes, _, _ = PLOTS[name]
+    adata = _scored_visium()
+    assert call(adata, show=True) is None and shown == [1]
+    autoshow(True)
+    assert call(adata) is None and shown == [1, 1]
+    autoshow(False)
+    _as_list(call(adata), n_axes)
+    assert shown == [1, 1]
+    assert call(adata, show=True) is None and shown == [1, 1, 1]  # show=True wins over autoshow
+
+
+@pytest.mark.parametrize("name", SINGLE_PANEL)
+def test_single_panel_plot_draws_into_a_given_ax(name, shown):
+    call, _, drawn, expected = PLOTS[name]
+    adata = _scored_visium()
+    fig, (left, right) = plt.subplots(1, 2)
+    assert call(adata, ax=right, show=False) is right
+    assert drawn(right) == expected and drawn(left) == 0
+    assert plt.get_fignums() == [fig.number]  # no new figure
+    assert call(adata, ax=left, return_fig=True) is fig
+    assert drawn(left) == expected
+    # inside a SubFigure, return_fig still gives the top-level figure
+    root = plt.figure()
+    ax = root.subfigures(1, 2)[1].subplots()
+    assert call(adata, ax=ax, return_fig=True) is root
+    assert shown == []
+
+
+@pytest.mark.parametrize("name", [n for n in PLOTS if n not in SINGLE_PANEL])
+def test_multi_panel_plot_takes_no_ax(name):
+    call, _, _, _ = PLOTS[name]
+    _, ax = plt.subplots()
+    with pytest.raises(TypeError, match="ax"):
+        call(_scored_visium(), ax=ax, show=False)
 
 
 # --------------------------------------------------------------------------- predicted_vs_true
@@ -122,29 +249,11 @@ def test_predicted_vs_true_draws_true_size_spots_with_a_shared_scale():
     _assert_same(adata, before)
 
 
-def test_predicted_vs_true_return_types(monkeypatch):
-    from scanpy import settings
-
+def test_predicted_vs_true_without_image():
     adata = _visium()
-    fig = pl.predicted_vs_true(adata, "G1", return_fig=True, show=False)
-    assert isinstance(fig, Figure)
     assert pl.predicted_vs_true(adata, "G1", img_key=None, show=False)[1].get_title() == "G1 (predicted)"
-    shown = []
-    monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(1))
-    autoshow = settings.autoshow  # a property of scanpy's settings class: set and restore by hand
-    try:
-        settings.autoshow = True
-        assert pl.predicted_vs_true(adata, "G1") is None and shown == [1]
-        assert pl.scores(_scored(adata)) is None and shown == [1, 1]
-        settings.autoshow = False
-        axes = pl.predicted_vs_true(adata, "G1")
-        assert len(axes) == 2 and shown == [1, 1]
-        assert isinstance(pl.training_history({"train_loss": [1.0]}), Axes)
-        assert pl.training_history({"train_loss": [1.0]}, show=True) is None and shown == [1, 1, 1]
-    finally:
-        settings.autoshow = autoshow
+    axes = pl.predicted_vs_true(adata, "G1", show=False)
     assert len(axes[0].images) == 1
-    # no image
     axes = pl.predicted_vs_true(adata, "G1", img_key=None, show=False)
     assert len(axes[0].images) == 0
     np.testing.assert_allclose(_collections(axes[0])[0].get_widths(), DIAMETER)  # full-resolution pixels
@@ -280,6 +389,21 @@ def test_training_history_inputs():
         pl.training_history({"loss": [1, 2]}, show=False)
     with pytest.raises(ValueError, match="no epoch"):
         pl.training_history({"train_loss": []}, show=False)
+
+
+def test_training_history_reads_the_anndata():
+    adata = _visium()
+    with pytest.raises(KeyError, match=r"fit_contrastive.*loss history: \[\]"):
+        pl.training_history(adata, show=False)
+    adata.uns["run2"] = {"params": {}, "history": HISTORY}
+    with pytest.raises(KeyError, match=r"uns\['contrastive'\] is missing.*loss history: \['run2'\]"):
+        pl.training_history(adata, show=False)
+    ax = pl.training_history(adata, key="run2", show=False)
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    np.testing.assert_array_equal(lines["validation"].get_ydata(), HISTORY["val_loss"])
+    adata.uns["contrastive"] = {"params": {}}
+    with pytest.raises(TypeError, match=r"uns\['contrastive'\] without 'train_loss'"):
+        pl.training_history(adata, show=False)
 
 
 def test_predicted_vs_true_on_one_section_subset_needs_no_library_key():

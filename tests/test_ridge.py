@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sthist.tl._ridge import RidgeModel, fit_ridge
+from sthist._engine.ridge import RidgeModel
+from sthist.tl._ridge import fit_ridge
 
 
 def _make(n: int = 300, d: int = 64, g: int = 8, *, seed: int = 0, noise: float = 0.5) -> ad.AnnData:

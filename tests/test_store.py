@@ -276,7 +276,11 @@ def test_ridge_and_cv_with_stored_features(lazy_and_memory, tmp_path):
     lazy, mem = lazy_and_memory
     st.pp.embed_patches(mem, progress=False)
     st.pp.embed_patches(lazy, store=tmp_path / "e.zarr", progress=False)
-    pred = [st.tl.fit_ridge(a, features_key="X_hed_texture", layer="targets").predict(a) for a in (mem, lazy)]
+    pred = [
+        st.tl.fit_ridge(a, features_key="X_hed_texture", layer="targets").predict(features=a.obsm["X_hed_texture"])
+        .expression
+        for a in (mem, lazy)
+    ]
     np.testing.assert_array_equal(pred[1], pred[0])
     tables = [
         st.tl.cross_validate(a, groupby="section", method="ridge", features_key="X_hed_texture", layer="targets")

@@ -92,10 +92,13 @@ def test_predict_on_slide_without_counts(fitted):
     adata, model = fitted
     slide = adata[:, []].copy()
     del slide.layers["targets"]
-    out = st.tl.predict_expression(slide, model, progress=False)
+    out = st.tl.predict_expression(slide, model, progress=False, copy=True)
     assert out is not None and out.n_vars == len(model.genes)
     np.testing.assert_array_equal(out.X, out.layers["predicted"])
-    assert slide.n_vars == 0  # the input is left as it was
+    assert slide.n_vars == 0 and "predicted" not in slide.obsm  # the input is left as it was
+    # in place, the model's genes cannot be added: a spots x genes DataFrame in obsm
+    assert st.tl.predict_expression(slide, model, progress=False) is None
+    np.testing.assert_array_equal(slide.obsm["predicted"].to_numpy(), out.X)
 
 
 def test_predict_from_patches_equals_cached_features(fitted):
@@ -158,7 +161,7 @@ def test_predict_bad_model_folder(prepared, tmp_path):
     with pytest.raises(FileNotFoundError, match="no model folder"):
         st.tl.predict_expression(prepared.copy(), tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"config\.json is missing"):
+    with pytest.raises(ValueError, match=r"has no config\.json"):
         st.tl.predict_expression(prepared.copy(), tmp_path / "empty")
     with pytest.raises(TypeError, match="fitted sthist model"):
         st.tl.predict_expression(prepared.copy(), 42)

@@ -246,7 +246,7 @@ def test_predict_slide_chunked_equals_whole(slide, toy_models, tmp_path):
     np.testing.assert_allclose(pred.obsm["X_hed_texture"], tiles.obsm["X_hed_texture"], rtol=1e-5, atol=1e-6)
     # a ridge probe predicts from the same features
     ridge = st.tl.predict_slide(slide.path, toy_models.ridge, chunk_size=5, **SLIDE_KW)
-    np.testing.assert_allclose(ridge.X, toy_models.ridge.predict(pred.obsm["X_hed_texture"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ridge.X, toy_models.ridge.predict(features=pred.obsm["X_hed_texture"]).expression, rtol=1e-4, atol=1e-5)
     import anndata as ad
 
     pred.write_h5ad(tmp_path / "pred.h5ad")
@@ -312,7 +312,7 @@ def test_predict_slide_finetuned_in_chunks(slide):
     pred = st.tl.predict_slide(slide.path, model, chunk_size=5, **SLIDE_KW)
     tiles = st.pp.tile_tissue(slide.path, spot_diameter=224)
     st.pp.extract_patches(tiles, patch_size=48, mpp=1.0, progress=False)
-    whole = st.tl.predict_expression(tiles, model, progress=False, device="cpu")
+    whole = st.tl.predict_expression(tiles, model, progress=False, device="cpu", copy=True)
     np.testing.assert_allclose(pred.X, whole.X, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pred.obs["predicted_spread"], whole.obs["predicted_spread"], rtol=1e-5, atol=1e-6)
     assert "patches" not in pred.obsm  # the temporary patch store was removed, and nothing points to it

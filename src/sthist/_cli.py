@@ -42,7 +42,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, help="reference .h5ad (Visium convention, counts in X)")
     p.add_argument("--out", type=Path, required=True, help="folder to save the model to")
-    p.add_argument("--method", default="bleep", help="bleep or ridge (default: bleep)")
+    p.add_argument("--method", default="bleep", help="a method of `sthist.tl.methods()`, e.g. bleep, nh2st or ridge (default: bleep)")
     p.add_argument("--layer", default=None, help="layer with the training targets (default: normalise X)")
     p.add_argument("--normalize", default="log1p", choices=["log1p", "hist2st"], help="normalisation of X (default: log1p)")
     p.add_argument("--genes", default=None, help="text file with one gene per line, or a boolean var column")
@@ -86,30 +86,25 @@ def _run_fit(args: argparse.Namespace) -> int:
     if layer is None:
         st.pp.normalize_expression(adata, flavor=args.normalize, genes=args.genes if args.normalize == "hist2st" else None)
         layer = "targets"
-    if args.method == "ridge":
-        st.pp.embed_patches(
-            adata, encoder=args.encoder, checkpoint=args.checkpoint, key_added="X_features", progress=not args.no_progress
-        )
-        model = st.tl.fit_ridge(adata, features_key="X_features", layer=layer, genes=args.genes, random_state=args.seed)
-    else:
-        model = st.tl.fit_contrastive(
-            adata,
-            method=args.method,
-            layer=layer,
-            genes=args.genes,
-            encoder=args.encoder,
-            checkpoint=args.checkpoint,
-            library_key=args.library_key,
-            finetune=args.finetune,
-            num_workers=args.num_workers,
-            max_epochs=args.max_epochs,
-            batch_size=args.batch_size,
-            device=args.device,
-            random_state=args.seed,
-            progress=not args.no_progress,
-        )
+    options = {
+        "layer": layer,
+        "genes": args.genes,
+        "encoder": args.encoder,
+        "checkpoint": args.checkpoint,
+        "library_key": args.library_key,
+        "finetune": args.finetune,
+        "num_workers": args.num_workers,
+        "max_epochs": args.max_epochs,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "random_state": args.seed,
+        "progress": not args.no_progress,
+    }
+    from sthist.tl._registry import fit_predictor
+
+    model = fit_predictor(adata, args.method, **options)
     if _rank() == 0:
-        model.save(args.out)
+        model.save(args.out, overwrite=True)
         print(f"saved {model!r} to {args.out}")
     _close_process_group()
     return 0
@@ -156,12 +151,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     import anndata as ad
 
     import sthist as st
-    from sthist.tl._utils import load_model
-
     adata = ad.read_h5ad(args.input)
-    model = load_model(args.model)
-    patch = model.config.get("patches", {}) if hasattr(model, "config") else dict(model.encoder_params)
-    _prepare(adata, args, patch_size=int(patch.get("patch_size", 224)), mpp=patch.get("mpp") or None)
+    model = st.tl.load_model(args.model)
+    _prepare(adata, args, patch_size=model.inputs.patch_size or 224, mpp=model.inputs.mpp)
     out = st.tl.predict_expression(
         adata,
         model,
@@ -172,6 +164,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         library_key=args.library_key,
         device=args.device,
         progress=not args.no_progress,
+        copy=adata.n_vars == 0,
     )
     out = adata if out is None else out
     if not args.keep_patches:

@@ -33,3 +33,76 @@ CONTRASTIVE_KEY = "contrastive"  # uns: params, history, model_id / model_dir of
 SPREAD_SUFFIX = "_spread"  # obs[f"{key}_spread"]: spread of the retrieved neighbours (uncertainty)
 MODELLED_SUFFIX = "_modelled"  # var[f"{key}_modelled"]: the gene is covered by the model
 CV_KEY = "cv_predicted"
+SCORES_SUFFIX = "_scores"  # uns[f"{layer}_scores"]: default key_added of score_prediction
+PEARSON_SUFFIX = "_pearson"  # var[f"{key}_pearson"]: per-gene r written by score_prediction
+HISTORY = "history"  # uns[key]["history"]: loss per epoch written by fit_contrastive
+
+
+class Key:
+    """Builders of every derived key name sthist writes and reads.
+
+    The writer (:mod:`sthist.tl`, :mod:`sthist.pp`) and the readers (:mod:`sthist.pl`) call the same builder, so a
+    name is spelt once. Each method returns the string; none touches an AnnData.
+
+    Examples
+    --------
+    >>> Key.scores("predicted")
+    'predicted_scores'
+    >>> Key.embedding("contrastive", "image")
+    'X_contrastive_image'
+    """
+
+    _GENE_CORR = ("true", "pred", "genes")
+    _EMBEDDING = ("image", "expression")
+
+    @staticmethod
+    def scores(layer: str) -> str:
+        """``adata.uns`` key of the scores of a predicted layer (the default ``key_added`` of ``score_prediction``)."""
+        return f"{layer}{SCORES_SUFFIX}"
+
+    @staticmethod
+    def pearson(key: str) -> str:
+        """``adata.var`` column of the per-gene Pearson r written under the scores key ``key``."""
+        return f"{key}{PEARSON_SUFFIX}"
+
+    @staticmethod
+    def gene_corr(which: str) -> str:
+        """Entry of ``adata.uns[<scores key>]`` holding a gene-gene correlation matrix or its genes.
+
+        ``which`` is ``'true'`` or ``'pred'`` (the matrices) or ``'genes'`` (their genes, in matrix order).
+        """
+        if which not in Key._GENE_CORR:
+            raise ValueError(f"Key.gene_corr: which={which!r} is not valid; choose one of {list(Key._GENE_CORR)}.")
+        return f"gene_corr_{which}"
+
+    @staticmethod
+    def modelled(key: str) -> str:
+        """``adata.var`` column flagging the genes a model covers in the prediction ``key``."""
+        return f"{key}{MODELLED_SUFFIX}"
+
+    @staticmethod
+    def spread(key: str) -> str:
+        """``adata.obs`` column of the per-spot spread (uncertainty) of the prediction ``key``."""
+        return f"{key}{SPREAD_SUFFIX}"
+
+    @staticmethod
+    def at_border(key: str) -> str:
+        """``adata.obs`` column flagging patches ``key`` padded because they cross the image edge."""
+        return f"{key}{BORDER_SUFFIX}"
+
+    @staticmethod
+    def embedding(key: str, which: str) -> str:
+        """``adata.obsm`` key of the joint ``'image'`` or ``'expression'`` embedding written by ``fit_contrastive``."""
+        if which not in Key._EMBEDDING:
+            raise ValueError(f"Key.embedding: which={which!r} is not valid; choose one of {list(Key._EMBEDDING)}.")
+        return f"X_{key}_{which}"
+
+    @staticmethod
+    def features(name: str) -> str:
+        """``adata.obsm`` key of spot features named ``name`` (e.g. an encoder's embeddings, ``'X_hed_texture'``)."""
+        return f"X_{name}"
+
+    @staticmethod
+    def scalefactor(img_key: str) -> str:
+        """Entry of ``uns['spatial'][library_id]['scalefactors']`` that maps full resolution to image ``img_key``."""
+        return f"tissue_{img_key}_scalef"

@@ -109,3 +109,17 @@ def check_float(
     if below is not None and value >= below:
         raise ValueError(f"{name} must be < {below}, got {value!r}.")
     return value
+
+
+def mean_pearson(pred: np.ndarray, true: np.ndarray) -> float:
+    """Mean over genes (columns) of the Pearson r between ``pred`` and ``true``; genes constant in either are skipped
+    (NaN when all are)."""
+    p = np.asarray(pred, dtype=np.float64)
+    t = np.asarray(true, dtype=np.float64)
+    p = p - p.mean(0)
+    t = t - t.mean(0)
+    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
+    ok = den > 0
+    if not ok.any():
+        return float("nan")
+    return float(((p * t).sum(0)[ok] / den[ok]).mean())

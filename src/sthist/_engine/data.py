@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ._utils import autocast
-from .encoders import images_to_tensor
 from .methods._base import Batch
 
 
@@ -176,6 +175,41 @@ def read_rows(array: Any, idx: np.ndarray | slice, *, scheduler: str | None = No
     return rows if uniq.size == idx.size and np.array_equal(uniq, idx) else rows[inv.reshape(-1)]
 
 
+def check_patches(patches: Any, *, name: str = "patches") -> Any:
+    """Check that ``patches`` are uint8 RGB patches (n, H, W, 3) and return them unchanged.
+
+    numpy arrays and lazy arrays (dask, zarr, e.g. from ``sthist.pp.extract_patches(..., store=...)``) are accepted;
+    only shape and dtype are checked, so a lazy array is not read.
+    """
+    if not isinstance(patches, np.ndarray) and not is_lazy_array(patches):
+        raise TypeError(
+            f"{name} must be a numpy, dask or zarr array of shape (n, S, S, 3) and dtype uint8, "
+            f"got {type(patches).__name__}."
+        )
+    shape = tuple(int(v) for v in patches.shape)
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (n, S, S, 3) (RGB patches), got {shape}.")
+    if np.dtype(patches.dtype) != np.uint8:
+        raise ValueError(
+            f"{name} must have dtype uint8 (0-255 RGB), got {patches.dtype}; "
+            "convert with `(patches * 255).round().clip(0, 255).astype(np.uint8)` if they are floats in [0, 1]."
+        )
+    if shape[0] == 0:
+        raise ValueError(f"{name} holds no patches.")
+    return patches
+
+
+def images_to_tensor(patches: np.ndarray | torch.Tensor, device: torch.device, *, non_blocking: bool = False):
+    """uint8 (n, H, W, 3) (numpy array or tensor) -> float (n, 3, H, W) in [0, 1] on ``device``.
+
+    The result is a permuted view of the channels-last uint8 layout, i.e. already in ``torch.channels_last`` memory
+    format. ``non_blocking`` copies asynchronously from pinned memory.
+    """
+    x = patches if isinstance(patches, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(patches))
+    x = x.to(device, non_blocking=non_blocking)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
 def batch_image_rows(idx: np.ndarray, neighbors: np.ndarray | None, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
     """The spots whose images a batch needs (the spots ``idx`` and their neighbours) and where each sits.
 
@@ -263,10 +297,12 @@ class SpotData:
         coords: np.ndarray | None = None,
         groups: np.ndarray | None = None,
         neighbors: np.ndarray | None = None,
+        tokens: np.ndarray | None = None,
         device: torch.device,
     ):
         if (features is None) == (images is None):
             raise ValueError("SpotData needs exactly one of features= or images=.")
+        self.tokens = None if tokens is None else torch.as_tensor(tokens, dtype=torch.float32).to(device)
         self.device = device
         self.images = images
         self.n = int((features if features is not None else images).shape[0])
@@ -297,6 +333,7 @@ class SpotData:
         n_neighbors: int = 0,
         with_expression: bool = True,
         row_features: torch.Tensor | None = None,
+        token_scaler: Callable | None = None,
     ) -> Batch:
         """Gather the spots ``idx`` (and their neighbours when ``n_neighbors``) into a :class:`Batch`.
 
@@ -329,6 +366,9 @@ class SpotData:
             coords=None if self.coords is None else self.coords[t_idx],
             groups=None if self.groups is None else self.groups[t_idx],
         )
+        if self.tokens is not None:
+            tok = self.tokens[t_idx]
+            batch.img_tokens = tok if token_scaler is None else token_scaler(tok)
         if nb is not None:
             t_nb = torch.as_tensor(np.where(nb >= 0, nb, 0), device=self.device)
             batch.neighbor_index = torch.as_tensor(nb, device=self.device)
@@ -444,6 +484,20 @@ def check_features(features, n: int | None, *, name: str = "features") -> np.nda
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{name} holds NaN or infinite values; recompute the embeddings (`sthist.pp.embed_patches`).")
+    return x
+
+
+def check_tokens(tokens, n: int | None, grid: int, *, name: str = "tokens") -> np.ndarray:
+    """Return tokens as float32 (n, grid * grid, D), raising on wrong shape or non-finite values."""
+    x = np.asarray(tokens)
+    if x.ndim != 3 or x.shape[1] != grid * grid or (n is not None and x.shape[0] != n) or x.shape[2] == 0:
+        raise ValueError(
+            f"{name} must have shape ({'n' if n is None else n}, {grid * grid}, D) (a {grid} x {grid} grid of "
+            f"encoder tokens per spot, `encode_tokens(encoder, patches, grid={grid})`), got {x.shape}."
+        )
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} hold NaN or infinite values; recompute them.")
     return x
 
 

@@ -25,41 +25,71 @@ from torch import nn
 
 from . import bank as _bank
 from ._utils import check_int, jsonable, progress_bar, resolve_device
+from .base import (
+    CONFIG_FILE,
+    BaseModel,
+    ModelFileError,
+    ModelInputs,
+    Prediction,
+    check_save_target,
+    read_config,
+)
 from .data import (
     FeatureScaler,
     SpotData,
     check_coords,
     check_expression,
-    check_features,
+    check_patches,
+    check_tokens,
     group_codes,
     iter_batches,
     spatial_neighbors,
 )
-from .encoders import build_image_encoder, check_patches, encode_patches, file_sha256
+from .encoders import build_image_encoder, file_sha256
 from .methods import Method, get_method
 
 FORMAT = "sthist.ContrastiveModel"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 BANK_FILE = "bank.safetensors"
 
+__all__ = ["ContrastiveModel", "ModelFileError"]
 
-class ModelFileError(ValueError):
-    """A saved model folder is missing, incomplete, corrupted, modified or inconsistent."""
+
+def retrieval_settings(prediction_defaults: dict[str, Any], n_bank: int, k: int | None, weighting: str | None):
+    """The caller's ``k`` / ``weighting``, else the method's paper values (a default ``k`` is capped at a third of the
+    bank, with a log message); returns ``(k, weighting, note)``."""
+    if weighting is None:
+        weighting = prediction_defaults.get("weighting", "average")
+    if weighting not in _bank.WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r} is not valid; choose one of {list(_bank.WEIGHTINGS)}.")
+    if k is not None:
+        return check_int("k", k), weighting, None
+    k = int(prediction_defaults.get("k", 50))
+    if k > max(1, n_bank // 3):
+        k = max(1, n_bank // 3)
+        return k, weighting, f"k reduced to {k}, a third of the {n_bank} reference spots"
+    return k, weighting, None
 
 
 class _Net(nn.Module):
     """Everything with weights: the method, the frozen-feature scaler and (when fine-tuned) the image encoder."""
 
-    def __init__(self, method: Method, scaler: FeatureScaler | None = None, encoder: nn.Module | None = None):
+    def __init__(
+        self,
+        method: Method,
+        scaler: FeatureScaler | None = None,
+        encoder: nn.Module | None = None,
+        token_scaler: FeatureScaler | None = None,
+    ):
         super().__init__()
         self.method = method
         self.scaler = scaler
         self.encoder = encoder
+        self.token_scaler = token_scaler  # methods that consume encoder tokens (frozen mode)
 
 
-class ContrastiveModel:
+class ContrastiveModel(BaseModel):
     """A fitted contrastive model, returned by :func:`sthist.tl.fit_contrastive`.
 
     Attributes
@@ -67,21 +97,22 @@ class ContrastiveModel:
     method
         Registry name of the method, e.g. ``"bleep"``.
     config
-        JSON-friendly settings: method config, encoder description, training settings, dimensions, versions.
+        JSON-friendly settings: method config, inputs, training plan and settings, dimensions, versions.
     genes
         Names of the modelled genes, in the column order of predictions.
-    encoder_spec
-        The image encoder spec (recomputes features from patches when predicting from ``images=``).
+    inputs
+        The :class:`~sthist._engine.base.ModelInputs` recorded at fit time.
     history
-        ``{"train_loss": [...], "val_loss": [...], "best_epoch": int (0-based), "seconds": float,
+        ``{"train_loss": [...], "val_loss": [...], "val_pearson": [...], "best_epoch": int (0-based, of the last
+        stage), "stages": [{"name", "epochs", "best_epoch", "stopped_early"}], "seconds": float,
         "train_components": {name: [...]}, "stopped_early": bool, "n_train": int, "n_val": int, "device": str}``.
     prediction
         ``"retrieval"`` or ``"regression"``.
-    needs_neighbors
-        Whether prediction needs ``coords=`` (spatial neighbours).
     bank_embeddings, bank_expression
         The reference bank: expression embeddings (n_ref, p) and expression (n_ref, g) of the training spots.
     """
+
+    format = FORMAT
 
     def __init__(
         self,
@@ -98,9 +129,10 @@ class ContrastiveModel:
         self.config = config
         self.genes = list(genes)
         self.history = history
+        self.inputs = ModelInputs.from_dict(config["inputs"])
         self.bank_embeddings = np.ascontiguousarray(bank_embeddings, dtype=np.float32)
         self.bank_expression = np.ascontiguousarray(bank_expression, dtype=np.float32)
-        self._frozen_encoder = encoder  # frozen-mode encoder built in this session (not saved: rebuilt from its spec)
+        self._encoder_cache = encoder  # frozen-mode encoder built in this session (not saved: rebuilt from inputs)
 
     # ---- descriptive attributes ----------------------------------------------------------------------------------
     @property
@@ -110,19 +142,6 @@ class ContrastiveModel:
     @property
     def prediction(self) -> Literal["retrieval", "regression"]:
         return self.config["prediction"]
-
-    @property
-    def needs_neighbors(self) -> bool:
-        return bool(self.config["needs_neighbors"])
-
-    @property
-    def encoder_spec(self) -> str:
-        return self.config["encoder"]["spec"]
-
-    @property
-    def finetuned(self) -> bool:
-        """Whether the image encoder was trained with the heads (its weights are part of the model)."""
-        return bool(self.config["encoder"].get("finetuned", False))
 
     @property
     def module(self) -> Method:
@@ -143,61 +162,44 @@ class ContrastiveModel:
         self._net.to(dev).eval()
         return dev
 
-    def _encoder(self) -> nn.Module:
-        if self.finetuned:
-            return self._net.encoder
-        if self._frozen_encoder is None:
-            enc = self.config["encoder"]
-            ckpt = enc.get("checkpoint")
-            if ckpt is not None:
-                if not Path(ckpt).is_file():
-                    raise FileNotFoundError(
-                        f"this model's features came from the checkpoint {ckpt!r}, which no longer exists; restore it, "
-                        "or pass features= computed with the same encoder."
-                    )
-                if enc.get("checkpoint_sha256") and file_sha256(ckpt) != enc["checkpoint_sha256"]:
-                    raise ValueError(
-                        f"the checkpoint {ckpt!r} changed since the model was trained (checksum mismatch); "
-                        "predicting from images would use different features. Pass features= instead."
-                    )
-            self._frozen_encoder = build_image_encoder(
-                enc["spec"], pretrained=bool(enc.get("pretrained")), checkpoint=ckpt
-            )
-        return self._frozen_encoder
-
-    def _spot_data(self, images, features, coords, groups, dev, progress, batch_size, expression=None) -> SpotData:
-        image_dim = self.config["image_dim"]
+    def _spot_data(
+        self, images, features, coords, groups, dev, progress, batch_size, expression=None, tokens=None
+    ) -> SpotData:
         if (images is None) == (features is None):
             raise ValueError("pass exactly one of images= (uint8 patches) or features= (encoder embeddings).")
-        if images is not None:
-            images = check_patches(images, name="images")
-            n = images.shape[0]
-        else:
-            if self.finetuned:
+        grid = self.inputs.tokens or 0
+        if grid:
+            if tokens is None:
+                if images is None:
+                    raise ValueError(
+                        f"method {self.method!r} reads a {grid} x {grid} grid of encoder tokens: pass images= (the "
+                        "patches), or tokens= with features=."
+                    )
+                from .encoders import encode_tokens
+
+                tokens = encode_tokens(
+                    self.image_encoder(), check_patches(images, name="images"), grid=grid, device=dev,
+                    progress=progress, batch_size=min(batch_size, 64),
+                )
+            tokens = check_tokens(tokens, int((images if images is not None else features).shape[0]), grid)
+        elif tokens is not None:
+            raise ValueError(f"method {self.method!r} does not read encoder tokens; drop tokens=.")
+        if self.finetuned:
+            if images is None:
                 raise ValueError(
                     "this model fine-tuned its image encoder, so features of the original encoder do not fit it; "
                     "pass images= (the patches) instead."
                 )
-            features = check_features(features, None)
-            n = features.shape[0]
-            if features.shape[1] != image_dim:
-                raise ValueError(
-                    f"features have {features.shape[1]} columns but the model was trained on {image_dim}-d features of "
-                    f"encoder {self.encoder_spec!r}; compute them with the same encoder (`sthist.pp.embed_patches`)."
-                )
+            images = check_patches(images, name="images")
+            self.inputs.check_geometry(int(images.shape[1]), None, where="the patches given")
+        else:
+            features = self._features(images, features, device=dev, progress=progress, batch_size=min(batch_size, 64))
+            images = None
+        n = int((images if images is not None else features).shape[0])
         coords = check_coords(coords, n)
         codes = group_codes(groups, n)
         if self.needs_neighbors and coords is None:
             raise ValueError(f"method {self.method!r} uses spatial neighbours: pass coords= (x, y per spot).")
-        if images is not None and not self.finetuned:
-            enc = self._encoder()
-            if enc.out_dim != image_dim:
-                raise ValueError(
-                    f"encoder {self.encoder_spec!r} gives {enc.out_dim}-d features but the model was trained on "
-                    f"{image_dim}-d features; the training features came from another encoder."
-                )
-            features = encode_patches(enc, images, device=dev, progress=progress, batch_size=min(batch_size, 64))
-            images = None
         nb = None
         k = self._net.method.n_neighbors
         if k:
@@ -209,36 +211,26 @@ class ContrastiveModel:
             coords=coords,
             groups=codes,
             neighbors=nb,
+            tokens=tokens,
             device=dev,
         )
 
     def _run(
         self, data: SpotData, fn, batch_size: int, progress: bool = False, desc: str = "", images: bool = True
     ) -> np.ndarray:
-        """Apply ``fn(batch)`` over all spots in order, in batches (one section per batch when the method wants it).
-
-        ``images=False`` skips the encoder and scaler (expression-only batches with placeholder features).
-        """
-        method = self._net.method
-        order = np.arange(data.n)
-        groups = None if data.groups is None else data.groups.cpu().numpy()
-        out, pos = [], []
-        batches = list(iter_batches(order, batch_size, groups=groups, by_group=method.batch_by_group))
-        with torch.inference_mode():
-            for idx in progress_bar(batches, enabled=progress, desc=desc, leave=False):
-                batch = data.make_batch(
-                    idx,
-                    encoder=self._net.encoder if (images and self.finetuned) else None,
-                    scaler=self._net.scaler if images else None,
-                    n_neighbors=method.n_neighbors,
-                    with_expression=data.expression is not None,
-                )
-                out.append(fn(batch).float().cpu().numpy())
-                pos.append(idx)
-        res = np.concatenate(out)
-        result = np.empty_like(res)
-        result[np.concatenate(pos)] = res
-        return result
+        net = self._net
+        return run_batches(
+            net.method,
+            data,
+            fn,
+            batch_size,
+            encoder=net.encoder if (images and self.finetuned) else None,
+            scaler=net.scaler if images else None,
+            token_scaler=net.token_scaler if images else None,
+            images=images,
+            progress=progress,
+            desc=desc,
+        )
 
     # ---- public API ----------------------------------------------------------------------------------------------
     def embed_images(
@@ -251,14 +243,16 @@ class ContrastiveModel:
         batch_size: int = 256,
         device: str | None = None,
         progress: bool = False,
+        tokens: np.ndarray | None = None,
     ) -> np.ndarray:
         """Joint-space embeddings (n, p) of spots from their patches (``images``) or encoder ``features``.
 
         ``images`` may be a numpy, dask or zarr array (uint8, (n, S, S, 3)); lazy arrays are read batch by batch.
+        Methods that read encoder tokens compute them from ``images``, or take ``tokens=`` with ``features``.
         """
         batch_size = check_int("batch_size", batch_size)
         dev = self._to(device)
-        data = self._spot_data(images, features, coords, groups, dev, progress, batch_size)
+        data = self._spot_data(images, features, coords, groups, dev, progress, batch_size, tokens=tokens)
         method = self._net.method
         return self._run(data, lambda b: method.embed_image(b.img_feats, b), batch_size, progress, "embedding images")
 
@@ -280,18 +274,10 @@ class ContrastiveModel:
                 "select the model's genes in its order (`model.genes`)."
             )
         dev = self._to(device)
-        n = expression.shape[0]
-        coords = check_coords(coords, n)
-        codes = group_codes(groups, n)
         method = self._net.method
-        # expression embeddings need no image features; a placeholder keeps the batch shape
-        data = SpotData(
-            features=np.zeros((n, 1), dtype=np.float32), expression=expression, coords=coords, groups=codes, device=dev
-        )
-        if method.n_neighbors:
-            if coords is None:
-                raise ValueError(f"method {self.method!r} uses spatial neighbours: pass coords= (x, y per spot).")
-            data.neighbors = spatial_neighbors(coords, codes, method.n_neighbors)
+        data = expression_data(expression, coords=coords, groups=groups, n_neighbors=method.n_neighbors, device=dev)
+        if method.n_neighbors and data.coords is None:
+            raise ValueError(f"method {self.method!r} uses spatial neighbours: pass coords= (x, y per spot).")
         return self._run(data, lambda b: method.embed_expression(b.expression, b), batch_size, images=False)
 
     def build_bank(
@@ -311,20 +297,21 @@ class ContrastiveModel:
     def predict(
         self,
         *,
-        images: np.ndarray | None = None,
+        images: Any = None,
         features: np.ndarray | None = None,
         coords: np.ndarray | None = None,
         groups: np.ndarray | None = None,
-        k: int = 50,
-        weighting: Literal["average", "distance", "softmax"] = "average",
-        chunk_size: int = 4096,
-        device: str | None = None,
-        progress: bool = True,
-        temperature: float = 0.1,
         batch_size: int = 256,
+        device: str | None = None,
+        progress: bool = False,
+        k: int | None = None,
+        weighting: Literal["average", "distance", "softmax"] | None = None,
+        temperature: float = 0.1,
+        chunk_size: int = 4096,
         index: Literal["exact", "faiss-ivf"] = "exact",
         n_probe: int = 32,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        tokens: np.ndarray | None = None,
+    ) -> Prediction:
         """Predict expression of spots from their patches or encoder features.
 
         Parameters
@@ -335,42 +322,47 @@ class ContrastiveModel:
             (fine-tuned models) or one storage chunk at a time (frozen encoders), never loaded whole.
         coords, groups
             Spot coordinates (n, 2) and section labels (n,), for methods that use them.
-        k
-            Reference spots retrieved per query (retrieval methods; BLEEP: 50, mclSTExp: 200).
-        weighting
-            ``"average"`` (BLEEP), ``"distance"`` (1/d^2, mclSTExp) or ``"softmax"`` (see :mod:`~sthist._engine.bank`).
-        chunk_size
-            Rows per query and bank chunk in retrieval.
+        batch_size
+            Spots per forward pass when embedding.
         device
             ``None`` picks cuda, then mps, then cpu.
         progress
             Show progress bars.
+        k
+            Reference spots retrieved per query (retrieval methods); ``None``: the method's paper value (BLEEP 50,
+            mclSTExp 200), at most a third of the bank.
+        weighting
+            ``"average"`` (BLEEP), ``"distance"`` (1/d^2, mclSTExp) or ``"softmax"``; ``None``: the method's.
         temperature
             Temperature of the ``"softmax"`` weighting.
-        batch_size
-            Spots per forward pass when embedding.
+        chunk_size
+            Rows per query and bank chunk in retrieval.
         index
             ``"exact"`` chunked search (default) or ``"faiss-ivf"``, an approximate faiss index for banks of
             millions of spots (needs ``faiss-cpu``; see :mod:`~sthist._engine.bank`).
         n_probe
             Inverted lists visited per query with ``index="faiss-ivf"``.
+        tokens
+            (n, T, D) encoder tokens, with ``features``, for methods that read tokens (else computed from ``images``).
 
         Returns
         -------
-        Predicted expression (n, g) float32 in the order of ``genes`` and the spread per spot (n,) float32: the mean
-        over genes of the weighted standard deviation of the k retrieved profiles (NaN for regression methods).
+        A :class:`~sthist._engine.base.Prediction`: expression (n, g) float32 in the order of ``genes``; the spread
+        per spot (retrieval: the mean over genes of the weighted standard deviation of the k retrieved profiles;
+        ``None`` for regression methods); the settings used (``k``, ``weighting``, ``index``, ``n_probe``).
         """
         batch_size = check_int("batch_size", batch_size)
-        if weighting not in _bank.WEIGHTINGS:
-            raise ValueError(f"weighting={weighting!r} is not valid; choose one of {list(_bank.WEIGHTINGS)}.")
         dev = self._to(device)
-        data = self._spot_data(images, features, coords, groups, dev, progress, batch_size)
         method = self._net.method
         if self.prediction == "regression":
+            data = self._spot_data(images, features, coords, groups, dev, progress, batch_size, tokens=tokens)
             pred = self._run(data, lambda b: method.predict(b.img_feats, b), batch_size, progress, "predicting")
-            return pred.astype(np.float32), np.full(pred.shape[0], np.nan, dtype=np.float32)
+            return Prediction(pred.astype(np.float32), None)
+        opts = self.prediction_settings(k=k, weighting=weighting, index=index, n_probe=n_probe)
+        k, weighting = opts["k"], opts["weighting"]
+        data = self._spot_data(images, features, coords, groups, dev, progress, batch_size, tokens=tokens)
         query = self._run(data, lambda b: method.embed_image(b.img_feats, b), batch_size, progress, "embedding images")
-        return _bank.retrieve(
+        expr, spread = _bank.retrieve(
             query,
             self.bank_embeddings,
             self.bank_expression,
@@ -384,16 +376,40 @@ class ContrastiveModel:
             index=index,
             n_probe=n_probe,
         )
+        return Prediction(expr, spread)
+
+    def prediction_settings(
+        self,
+        *,
+        k: int | None = None,
+        weighting: str | None = None,
+        index: str = "exact",
+        n_probe: int = 32,
+        **_: Any,
+    ) -> dict[str, Any]:
+        """Retrieval settings of a :meth:`predict` call: ``k`` and ``weighting`` (the method's defaults where
+        ``None``; a default ``k`` is capped at a third of the bank, said in ``"note"``), ``index`` and ``n_probe``."""
+        if self.prediction == "regression":
+            return {}
+        k, weighting, note = retrieval_settings(
+            self.config.get("prediction_defaults", {}), self.bank_embeddings.shape[0], k, weighting
+        )
+        if index not in ("exact", "faiss-ivf"):
+            raise ValueError(f"index={index!r} is not valid; choose one of ['exact', 'faiss-ivf'].")
+        settings: dict[str, Any] = {"k": k, "weighting": weighting, "index": index}
+        if index == "faiss-ivf":
+            settings["n_probe"] = check_int("n_probe", n_probe)
+        if note:
+            settings["note"] = note
+        return settings
 
     # ---- persistence ---------------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the model to the folder ``path`` (created if needed; files of an earlier save are replaced)."""
+    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the model to the folder ``dir_path`` (created if needed); a folder that holds a model already is
+        replaced only with ``overwrite=True``."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"cannot save the model to {str(path)!r}: it exists and is not a folder.")
-        path.mkdir(parents=True, exist_ok=True)
+        path = check_save_target(dir_path, overwrite=overwrite)
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self._net.state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE), metadata=meta)
@@ -405,6 +421,7 @@ class ContrastiveModel:
         doc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "method": self.method,
             "config": jsonable(self.config),
             "genes": self.genes,
             "history": jsonable(self.history),
@@ -424,24 +441,14 @@ class ContrastiveModel:
         tmp.replace(path / CONFIG_FILE)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> ContrastiveModel:
+    def load(cls, dir_path: str | os.PathLike, *, device: str | None = None) -> ContrastiveModel:
         """Read a model written by :meth:`save`; every file is checked, problems raise :class:`ModelFileError`."""
         from safetensors.torch import load_file
 
-        path = Path(path)
+        path = Path(dir_path)
         where = f"model folder {str(path)!r}"
-        if not path.is_dir():
-            raise ModelFileError(f"{where} does not exist or is not a folder; pass the folder given to `model.save()`.")
-        cfg_file = path / CONFIG_FILE
-        if not cfg_file.is_file():
-            raise ModelFileError(
-                f"{where} has no {CONFIG_FILE}; it was not written by `ContrastiveModel.save` or is incomplete."
-            )
-        try:
-            doc = json.loads(cfg_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelFileError(f"{where}: {CONFIG_FILE} is not valid JSON ({err}); the file is corrupted.") from err
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        doc = read_config(path)
+        if doc.get("format") != FORMAT:
             raise ModelFileError(
                 f"{where}: {CONFIG_FILE} is not an sthist model description (format {FORMAT!r} expected)."
             )
@@ -476,23 +483,25 @@ class ContrastiveModel:
             method_cls = get_method(config["method"])
             mcfg = method_cls.make_config(config["method_config"])
             image_dim, n_genes = int(config["image_dim"]), int(config["n_genes"])
-            enc_info = config["encoder"]
+            if version == 1:  # written before models recorded their inputs
+                config["inputs"] = _inputs_v1(config).to_dict()
+            inputs = ModelInputs.from_dict(config["inputs"])
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(f"{where}: {CONFIG_FILE} holds an invalid model configuration ({err}).") from err
         if not isinstance(genes, list) or len(genes) != n_genes:
             raise ModelFileError(
                 f"{where}: {CONFIG_FILE} lists {len(genes) if isinstance(genes, list) else '?'} genes, expected {n_genes}."
             )
-        method = method_cls(image_dim, n_genes, mcfg)
-        scaler = None if enc_info.get("finetuned") else FeatureScaler(image_dim)
+        token_dim = config.get("token_dim")
+        method = method_cls(image_dim, n_genes, mcfg, **({"token_dim": int(token_dim)} if token_dim else {}))
+        scaler = None if inputs.finetuned else FeatureScaler(image_dim)
         encoder = None
-        if enc_info.get("finetuned"):
+        if inputs.finetuned:
             # the architecture only; the fine-tuned weights come from model.safetensors
-            encoder = build_image_encoder(enc_info["spec"], pretrained=False)
-            encoder.pretrained = bool(enc_info.get("pretrained"))
-            encoder.checkpoint = enc_info.get("checkpoint")
-            encoder.checkpoint_sha256 = enc_info.get("checkpoint_sha256")
-        net = _Net(method, scaler, encoder)
+            encoder = build_image_encoder(inputs.encoder, pretrained=False)
+            encoder.pretrained = inputs.pretrained
+            encoder.checkpoint = inputs.checkpoint
+        net = _Net(method, scaler, encoder, FeatureScaler(int(token_dim)) if token_dim else None)
         try:
             net.load_state_dict(tensors[WEIGHTS_FILE], strict=True)
         except RuntimeError as err:
@@ -523,3 +532,72 @@ class ContrastiveModel:
         )
         model._to(device)
         return model
+
+
+def _inputs_v1(config: dict[str, Any]) -> ModelInputs:
+    """The inputs of a format-1 model, from its ``encoder`` and ``patches`` entries."""
+    enc, patches = config["encoder"], config.get("patches") or {}
+    return ModelInputs(
+        encoder=str(enc["spec"]),
+        pretrained=bool(enc.get("pretrained")),
+        checkpoint=enc.get("checkpoint"),
+        finetuned=bool(enc.get("finetuned")),
+        feature_dim=int(config["image_dim"]),
+        patch_size=patches.get("patch_size"),
+        mpp=patches.get("mpp"),
+        needs_coords=bool(config.get("needs_neighbors")),
+        needs_neighbors=bool(config.get("needs_neighbors")),
+    )
+
+
+def run_batches(
+    method: Method,
+    data: SpotData,
+    fn,
+    batch_size: int,
+    *,
+    encoder: nn.Module | None = None,
+    scaler: nn.Module | None = None,
+    token_scaler: nn.Module | None = None,
+    images: bool = True,
+    progress: bool = False,
+    desc: str = "",
+) -> np.ndarray:
+    """Apply ``fn(batch)`` over all spots of ``data`` in order, in batches (one section per batch when the method
+    wants it), without gradients; rows of the result follow the spots.
+
+    ``images=False`` makes expression-only batches (placeholder image features, no encoder or scaler).
+    """
+    order = np.arange(data.n)
+    groups = None if data.groups is None else data.groups.cpu().numpy()
+    out, pos = [], []
+    batches = list(iter_batches(order, batch_size, groups=groups, by_group=method.batch_by_group))
+    with torch.inference_mode():
+        for idx in progress_bar(batches, enabled=progress, desc=desc, leave=False):
+            batch = data.make_batch(
+                idx,
+                encoder=encoder if images else None,
+                scaler=scaler if images else None,
+                token_scaler=token_scaler if images else None,
+                n_neighbors=method.n_neighbors,
+                with_expression=data.expression is not None,
+            )
+            out.append(fn(batch).float().cpu().numpy())
+            pos.append(idx)
+    res = np.concatenate(out)
+    result = np.empty_like(res)
+    result[np.concatenate(pos)] = res
+    return result
+
+
+def expression_data(expression, *, coords, groups, n_neighbors: int, device) -> SpotData:
+    """Expression-only spot data (placeholder image features) for embedding expression profiles."""
+    n = expression.shape[0]
+    coords = check_coords(coords, n)
+    codes = group_codes(groups, n)
+    data = SpotData(
+        features=np.zeros((n, 1), dtype=np.float32), expression=expression, coords=coords, groups=codes, device=device
+    )
+    if n_neighbors and coords is not None:
+        data.neighbors = spatial_neighbors(coords, codes, n_neighbors)
+    return data

@@ -9,12 +9,13 @@ fine-tuning (``images=`` with ``finetune=True``)
     The timm image encoder trains end to end with the heads, with augmentation (flips, rotations by multiples of
     90 degrees, mild colour jitter), as in BLEEP. Use a GPU.
 
-Defaults (:data:`DEFAULTS`): at most 100 epochs, batch size 256, AdamW with lr 1e-3 and weight decay 1e-3 (BLEEP's
-``config.py`` / ``BLEEP_main.py``), 10 % of the spots for validation, early stopping after 10 epochs without a
-lower validation loss, and the weights of the best validation epoch restored (BLEEP keeps its best validation
-checkpoint too). Training batches drop the incomplete last batch (``drop_last=True`` as BLEEP). BLEEP's own script
-runs 4 epochs by default on large GPU batches of fine-tuned ResNet-50 features; frozen heads on small data need more
-epochs, which early stopping bounds.
+What to learn and how is the method's :class:`~sthist._engine.plan.TrainPlan` (its ``recipe``), merged with the
+caller's overrides by :func:`~sthist._engine.plan.resolve_plan`: optimiser, learning-rate schedule, batch size,
+validation split, early stopping, model selection (validation loss or validation Pearson r) and stages, each with
+its own loss terms, trainable parameters, epochs and optimiser. The engine's default plan is BLEEP's: at most 100
+epochs, batch size 256, AdamW with lr 1e-3 and weight decay 1e-3, 10 % of the spots for validation, early stopping
+after 10 epochs without a better validation score, and the weights of the best validation epoch restored. Training
+batches drop the incomplete last batch (``drop_last=True`` as BLEEP).
 
 Speed (fine-tuning): a :class:`torch.utils.data.DataLoader` reads the uint8 patches of every batch (``num_workers``
 background processes; numpy, dask or zarr arrays, read by rows so that lazy stores are never loaded whole), with
@@ -28,6 +29,7 @@ of the whole global batch, see :mod:`sthist._engine.distributed`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -36,8 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import bank as _bank
 from . import distributed
-from ._utils import autocast, check_float, check_int, progress_bar, resolve_device, seed_everything
+from ._utils import autocast, check_int, mean_pearson, progress_bar, resolve_device, seed_everything
+from .base import ModelInputs, state_sha256
 from .data import (
     BatchSampler,
     FeatureScaler,
@@ -49,25 +53,19 @@ from .data import (
     check_expression,
     check_features,
     check_genes,
+    check_patches,
+    check_tokens,
     draw_augmentation,
     group_codes,
+    images_to_tensor,
     iter_batches,
     read_rows,
     spatial_neighbors,
 )
-from .encoders import DEFAULT_ENCODER, build_image_encoder, check_patches, encode_patches, images_to_tensor
+from .encoders import DEFAULT_ENCODER, build_image_encoder, encode_patches
 from .methods import get_method
-from .model import ContrastiveModel, _Net
-
-DEFAULTS: dict[str, Any] = {
-    "max_epochs": 100,
-    "batch_size": 256,
-    "lr": 1e-3,
-    "weight_decay": 1e-3,
-    "validation_fraction": 0.1,
-    "early_stopping_patience": 10,
-}
-"""Default training settings of :func:`fit` (documented in the module docstring)."""
+from .model import ContrastiveModel, _Net, expression_data, retrieval_settings, run_batches
+from .plan import Stage, TrainPlan, resolve_plan
 
 
 def _versions() -> dict[str, str]:
@@ -117,12 +115,15 @@ class _Trainer:
         ctx: distributed.Context,
         channels_last: bool = False,
         compile: bool = False,
+        token_scaler=None,
     ):
         self.module, self.data, self.scaler, self.encoder = module, data, scaler, encoder
+        self.token_scaler = token_scaler
         self.optimizer, self.augment, self.aug_gen = optimizer, augment, aug_gen
         self.device, self.ctx, self.channels_last = device, ctx, channels_last
         self.n_neighbors = module.n_neighbors
         self.finetune = encoder is not None
+        self.terms: tuple[str, ...] | None = None  # the loss terms of the current stage (None: all)
         self._compiled, self._compile_checked = bool(compile), False
         fwd = encoder
         if self.finetune and ctx.active:
@@ -180,15 +181,35 @@ class _Trainer:
     def batch(self, idx: np.ndarray, images=None, *, train: bool):
         """The :class:`~sthist._engine.methods.Batch` of the spots ``idx`` (with neighbours when the method uses them)."""
         if not self.finetune:
-            return self.data.make_batch(idx, scaler=self.scaler, n_neighbors=self.n_neighbors)
+            return self.data.make_batch(
+                idx, scaler=self.scaler, n_neighbors=self.n_neighbors, token_scaler=self.token_scaler
+            )
         feats = self.image_features(idx, images, train=train)
         return self.data.make_batch(idx, n_neighbors=self.n_neighbors, row_features=feats)
 
-    def loss(self, idx: np.ndarray, images=None, *, train: bool = True):
-        """The method's loss and logged components on the batch ``idx``."""
-        batch = self.batch(idx, images, train=train)
+    def loss(self, idx: np.ndarray, images=None, *, train: bool = True, batch=None):
+        """The loss of the batch ``idx``: the sum of the stage's terms of the method's ``loss``, and all terms.
+
+        Returns ``(loss, terms)`` with the terms detached (for logging).
+        """
+        if batch is None:
+            batch = self.batch(idx, images, train=train)
         with autocast(self.device):
-            return self.module.loss(batch)
+            terms = self.module.loss(batch)
+        if not isinstance(terms, dict) or not terms:
+            raise TypeError(
+                f"{type(self.module).__name__}.loss must return a non-empty dict of named loss terms, got "
+                f"{type(terms).__name__}."
+            )
+        names = self.terms if self.terms is not None else tuple(terms)
+        missing = [t for t in names if t not in terms]
+        if missing:
+            raise ValueError(
+                f"the training stage asks for loss terms {missing} that {type(self.module).__name__}.loss does not "
+                f"return; it returns {list(terms)}."
+            )
+        total = sum(terms[t] for t in names)
+        return total, {t: v.detach() for t, v in terms.items()}
 
     def backward(self, idx: np.ndarray, images=None, *, epoch: int = 0):
         """Zero the gradients, compute the loss of the global batch ``idx`` and its gradients; no optimiser step.
@@ -223,6 +244,8 @@ class _Run:
     trainer: _Trainer
     method_cls: Any
     mcfg: Any
+    plan: TrainPlan
+    stages: tuple[Stage, ...]
     train_idx: np.ndarray
     val_idx: np.ndarray
     rng: np.random.Generator
@@ -233,41 +256,46 @@ class _Run:
     genes: list[str]
     image_dim: int
     enc_info: dict[str, Any]
+    inputs: ModelInputs
     frozen_encoder: Any
     device: torch.device
     num_workers: int
     settings: dict[str, Any]
+    notes: list[str]
+    own_trainable: dict[int, bool] = dataclasses.field(default_factory=dict)
+    """Which parameters the method and encoder themselves leave trainable (a stage never unfreezes the others)."""
 
 
 def _prepare(
     *,
-    method: str,
+    method: str = "bleep",
     expression: np.ndarray,
     genes: list[str],
-    images: Any,
-    features: np.ndarray | None,
-    coords: np.ndarray | None,
-    groups: np.ndarray | None,
-    encoder: str,
-    pretrained: bool,
-    checkpoint: str | None,
-    finetune: bool,
-    max_epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    validation_fraction: float,
-    early_stopping_patience: int | None,
-    augment: bool,
-    device: str | None,
-    random_state: int,
-    progress: bool,
-    method_kwargs: dict[str, Any] | None,
-    num_workers: int | None,
-    compile: bool,
+    images: Any = None,
+    features: np.ndarray | None = None,
+    tokens: np.ndarray | None = None,
+    coords: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    encoder: str = DEFAULT_ENCODER,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    encoder_info: dict[str, Any] | None = None,
+    finetune: bool = False,
+    plan: TrainPlan | None = None,
+    patch_size: int | None = None,
+    mpp: float | None = None,
+    device: str | None = None,
+    random_state: int = 0,
+    progress: bool = True,
+    method_kwargs: dict[str, Any] | None = None,
+    num_workers: int | None = None,
+    compile: bool = False,
+    **overrides: Any,
 ) -> _Run:
     method_cls = get_method(method)
     mcfg = method_cls.make_config(method_kwargs)
+    batch_given = overrides.get("batch_size") is not None
+    plan = resolve_plan(method_cls.recipe, plan, **overrides)
     expression = check_expression(expression)
     n, g = expression.shape
     genes = check_genes(genes, g)
@@ -294,13 +322,6 @@ def _prepare(
     codes = group_codes(groups, n)
     if (method_cls.needs_neighbors or method_cls.needs_coords) and coords is None:
         raise ValueError(f"method {method!r} uses spot coordinates: pass coords= (x, y per spot).")
-    max_epochs = check_int("max_epochs", max_epochs)
-    batch_size = check_int("batch_size", batch_size, minimum=2)
-    lr = check_float("lr", lr, minimum=0.0, strict=True)
-    weight_decay = check_float("weight_decay", weight_decay, minimum=0.0)
-    validation_fraction = check_float("validation_fraction", validation_fraction, minimum=0.0, below=1.0)
-    if early_stopping_patience is not None:
-        early_stopping_patience = check_int("early_stopping_patience", early_stopping_patience)
     if not isinstance(random_state, int | np.integer) or isinstance(random_state, bool):
         raise TypeError(f"random_state must be an integer, got {random_state!r}.")
     random_state = int(random_state)
@@ -309,19 +330,27 @@ def _prepare(
 
     # ---- split ---------------------------------------------------------------------------------------------------
     rng = np.random.default_rng(random_state)
-    n_val = round(n * validation_fraction) if validation_fraction > 0 else 0
-    if validation_fraction > 0 and n_val < 2:
+    vf = plan.validation_fraction
+    n_val = round(n * vf) if vf > 0 else 0
+    if vf > 0 and n_val < 2:
         raise ValueError(
-            f"validation_fraction={validation_fraction} of {n} spots leaves {n_val} validation spots; the contrastive "
+            f"validation_fraction={vf} of {n} spots leaves {n_val} validation spots; the contrastive "
             "loss needs at least 2. Raise validation_fraction or set it to 0 (no early stopping)."
         )
     perm = rng.permutation(n)
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    if not method_cls.batch_by_group and train_idx.size < batch_size:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than the {train_idx.size} training spots ({n} spots minus {n_val} "
-            f"for validation); the maximum batch size here is {train_idx.size}. Lower batch_size or use more spots."
-        )
+    notes = []
+    if plan.batch_size > train_idx.size:
+        if batch_given:
+            if not method_cls.batch_by_group:
+                raise ValueError(
+                    f"batch_size={plan.batch_size} is larger than the {train_idx.size} training spots ({n} spots minus "
+                    f"{n_val} for validation); the maximum batch size here is {train_idx.size}. Lower batch_size or "
+                    "use more spots."
+                )
+        else:
+            notes.append(f"batch size reduced from {plan.batch_size} to the {train_idx.size} training spots")
+            plan = dataclasses.replace(plan, batch_size=int(train_idx.size))
 
     # ---- encoder and features ------------------------------------------------------------------------------------
     seed_everything(random_state)
@@ -340,13 +369,14 @@ def _prepare(
         if images is not None:
             frozen_encoder = build_image_encoder(encoder, pretrained=pretrained, checkpoint=checkpoint)
             features = encode_patches(frozen_encoder, images, device=dev, progress=progress and ctx.is_main)
-            enc_info = {**frozen_encoder.describe(), "finetuned": False}
+            enc_info = {**frozen_encoder.describe(), "finetuned": False, "weights_sha256": state_sha256(frozen_encoder)}
         else:
             enc_info = {
                 "spec": encoder,
                 "pretrained": bool(pretrained),
                 "checkpoint": None if checkpoint is None else str(checkpoint),
                 "checkpoint_sha256": None,
+                "weights_sha256": None,
                 "out_dim": int(features.shape[1]),
                 "finetuned": False,
             }
@@ -358,10 +388,55 @@ def _prepare(
                 p = Path(checkpoint)
                 enc_info["checkpoint_sha256"] = file_sha256(p) if p.is_file() else None
                 enc_info["checkpoint"] = str(p.resolve()) if p.is_file() else str(checkpoint)
+            # what the caller knows of the encoder that made the features (e.g. `sthist.pp.embed_patches` params)
+            for key in ("weights_sha256", "patch_size", "mpp"):
+                if (encoder_info or {}).get(key) not in (None, ""):
+                    enc_info[key] = encoder_info[key]
         image_dim = features.shape[1]
     scaler = None if finetune else FeatureScaler(image_dim).fit(features[train_idx]).to(dev)
+    grid = int(getattr(mcfg, "token_grid", 0)) if "tokens" in method_cls.consumes else 0
+    token_scaler = None
+    if grid:
+        if finetune:
+            raise ValueError(
+                f"method {method!r} consumes encoder tokens, which are computed in frozen mode only for now; use "
+                "finetune=False."
+            )
+        if tokens is None:
+            if frozen_encoder is None:
+                raise ValueError(
+                    f"method {method!r} consumes a {grid} x {grid} grid of encoder tokens: pass tokens= (n, "
+                    f"{grid * grid}, d) or images= (the patches), not features= alone."
+                )
+            from .encoders import encode_tokens
 
-    module = method_cls(image_dim, g, mcfg).to(dev)
+            tokens = encode_tokens(frozen_encoder, images, grid=grid, device=dev, progress=progress and ctx.is_main)
+        tokens = check_tokens(tokens, n, grid)
+        token_scaler = FeatureScaler(tokens.shape[2]).fit(tokens[train_idx].reshape(-1, tokens.shape[2])).to(dev)
+    elif tokens is not None:
+        raise ValueError(f"method {method!r} does not consume encoder tokens; drop tokens=.")
+    if images is not None:
+        patch_size = int(images.shape[1])
+    elif patch_size is None:
+        patch_size = enc_info.get("patch_size")
+    if mpp is None:
+        mpp = enc_info.get("mpp")
+    inputs = ModelInputs(
+        encoder=str(enc_info["spec"]),
+        pretrained=bool(enc_info.get("pretrained")),
+        checkpoint=enc_info.get("checkpoint"),
+        weights_sha256=enc_info.get("weights_sha256"),
+        finetuned=bool(finetune),
+        feature_dim=int(image_dim),
+        patch_size=None if patch_size is None else int(patch_size),
+        mpp=None if mpp is None else float(mpp),
+        needs_coords=bool(method_cls.needs_neighbors),
+        needs_neighbors=bool(method_cls.needs_neighbors),
+        tokens=grid or None,
+    )
+
+    extra = {"token_dim": int(tokens.shape[2])} if grid else {}
+    module = method_cls(image_dim, g, mcfg, **extra).to(dev)
     k_nb = module.n_neighbors
     neighbors = spatial_neighbors(coords, codes, k_nb) if k_nb else None
     data = SpotData(
@@ -371,6 +446,7 @@ def _prepare(
         coords=coords,
         groups=codes,
         neighbors=neighbors,
+        tokens=tokens,
         device=dev,
     )
     channels_last = bool(finetune and dev.type == "cuda" and _has_conv(enc))
@@ -379,32 +455,22 @@ def _prepare(
     if finetune:
         # data-parallel training over processes (torchrun); a no-op in one process
         distributed.init(dev, ctx)
-    params = [p for p in module.parameters() if p.requires_grad]
-    if finetune:
-        params += [p for p in enc.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     trainer = _Trainer(
         module=module,
         data=data,
         scaler=scaler,
         encoder=enc,
-        optimizer=optimizer,
-        augment=bool(finetune and augment),
+        optimizer=None,
+        augment=bool(finetune and plan.augment),
         aug_gen=torch.Generator().manual_seed(random_state),
         device=dev,
         ctx=ctx if finetune else distributed.Context(rank=ctx.rank),
         channels_last=channels_last,
         compile=bool(finetune and compile),
+        token_scaler=token_scaler,
     )
     workers = (num_workers if num_workers is not None else _auto_workers(dev, ctx)) if finetune else 0
     settings = {
-        "max_epochs": max_epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "validation_fraction": validation_fraction,
-        "early_stopping_patience": early_stopping_patience,
-        "augment": bool(augment),
         "random_state": random_state,
         "device": str(dev),
         "num_workers": int(workers),
@@ -412,10 +478,13 @@ def _prepare(
         "channels_last": channels_last,
         "world_size": int(ctx.world_size if finetune else 1),
     }
-    return _Run(
+    stages = plan.resolved_stages()
+    run = _Run(
         trainer=trainer,
         method_cls=method_cls,
         mcfg=mcfg,
+        plan=plan,
+        stages=stages,
         train_idx=train_idx,
         val_idx=val_idx,
         rng=rng,
@@ -426,11 +495,44 @@ def _prepare(
         genes=genes,
         image_dim=int(image_dim),
         enc_info=enc_info,
+        inputs=inputs,
         frozen_encoder=frozen_encoder,
         device=dev,
         num_workers=int(workers),
         settings=settings,
+        notes=notes,
     )
+    _enter_stage(run, stages[0])
+    return run
+
+
+def _enter_stage(run: _Run, stage: Stage) -> None:
+    """Set the trainable parameters, loss terms and a fresh optimiser for ``stage``."""
+    trainer = run.trainer
+    prefixes = stage.trainable
+    named = [(name, p) for name, p in trainer.module.named_parameters()]
+    if trainer.finetune:
+        named += [(f"encoder.{name}", p) for name, p in trainer.encoder.named_parameters()]
+    if not run.own_trainable:
+        run.own_trainable.update({id(p): p.requires_grad for _, p in named})
+    if prefixes is not None:
+        unknown = sorted(pre for pre in prefixes if not any(n.startswith(pre) for n, _ in named))
+        if unknown:
+            tops = sorted({n.split(".")[0] for n, _ in named})
+            raise ValueError(
+                f"stage {stage.name!r} trains {unknown}, which name no parameters of method {run.method_cls.name!r}; "
+                f"its modules are {tops}."
+            )
+    params = []
+    for name, p in named:
+        on = run.own_trainable[id(p)] and (prefixes is None or any(name.startswith(pre) for pre in prefixes))
+        p.requires_grad_(on)
+        if on:
+            params.append(p)
+    if not params:
+        raise ValueError(f"stage {stage.name!r} of method {run.method_cls.name!r} has no trainable parameters.")
+    trainer.optimizer = stage.optimizer.build(params)
+    trainer.terms = stage.losses
 
 
 def _epoch_batches(run: _Run, batch_size: int):
@@ -477,33 +579,36 @@ def _loader(run: _Run, batch_size: int):
     return lambda: ((item["tag"], item["idx"].numpy(), item["images"]) for item in loader)
 
 
-def fit(
-    *,
-    method: str = "bleep",
-    expression: np.ndarray,
-    genes: list[str],
-    images: Any = None,
-    features: np.ndarray | None = None,
-    coords: np.ndarray | None = None,
-    groups: np.ndarray | None = None,
-    encoder: str = DEFAULT_ENCODER,
-    pretrained: bool = False,
-    checkpoint: str | None = None,
-    finetune: bool = False,
-    max_epochs: int = DEFAULTS["max_epochs"],
-    batch_size: int = DEFAULTS["batch_size"],
-    lr: float = DEFAULTS["lr"],
-    weight_decay: float = DEFAULTS["weight_decay"],
-    validation_fraction: float = DEFAULTS["validation_fraction"],
-    early_stopping_patience: int | None = DEFAULTS["early_stopping_patience"],
-    augment: bool = True,
-    device: str | None = None,
-    random_state: int = 0,
-    progress: bool = True,
-    method_kwargs: dict[str, Any] | None = None,
-    num_workers: int | None = None,
-    compile: bool = False,
-) -> ContrastiveModel:
+def _val_pearson(run: _Run, outputs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean Pearson r over genes of the expression predicted for the validation spots.
+
+    ``outputs`` holds ``(idx, out)`` of the validation batches: predicted expression (regression methods) or image
+    embeddings (retrieval methods, then matched against a bank of the training spots' expression embeddings).
+    """
+    idx = np.concatenate([i for i, _ in outputs])
+    out = np.concatenate([o for _, o in outputs])
+    module, method_cls = run.trainer.module, run.method_cls
+    if method_cls.prediction == "retrieval":
+        tr = run.train_idx
+        data = expression_data(
+            run.expression[tr],
+            coords=None if run.coords is None else run.coords[tr],
+            groups=None if run.codes is None else run.codes[tr],
+            n_neighbors=module.n_neighbors,
+            device=run.device,
+        )
+        bank = run_batches(
+            module, data, lambda b: module.embed_expression(b.expression, b), max(run.plan.batch_size, 256), images=False
+        )
+        k, weighting, _ = retrieval_settings(method_cls.prediction_defaults, tr.size, None, None)
+        out, _ = _bank.retrieve(
+            out, bank, run.expression[tr], k=k, similarity=method_cls.similarity, weighting=weighting,
+            device=run.device, progress=False,
+        )
+    return mean_pearson(out, run.expression[idx])
+
+
+def fit(**kwargs: Any) -> ContrastiveModel:
     """Train a contrastive image-expression model.
 
     Parameters
@@ -521,22 +626,25 @@ def fit(
     features
         (n, d) cached encoder embeddings (frozen mode); ``encoder`` should name the encoder that produced them so
         that predictions from patches can recompute them.
+    tokens
+        (n, T, D) cached encoder tokens (``grid x grid`` rasters, :func:`~sthist._engine.encoders.encode_tokens`)
+        for methods that consume ``"tokens"``; computed from ``images`` when not given.
     coords, groups
         Spot coordinates (n, 2) and section labels (n,), for methods that use neighbours or set-level batches.
     encoder, pretrained, checkpoint
         Image encoder spec, see :func:`sthist._engine.encoders.build_image_encoder`.
+    encoder_info
+        With ``features``: what is known of the encoder that made them (``weights_sha256``, ``patch_size``,
+        ``mpp``, as ``sthist.pp.embed_patches`` records them); recorded in the model's inputs.
     finetune
         Train the encoder end to end (needs ``images`` and a timm encoder).
-    max_epochs, batch_size, lr, weight_decay
-        Optimisation (AdamW). ``batch_size`` must not exceed the number of training spots; under torchrun it is the
-        global batch over all processes.
-    validation_fraction
-        Fraction of spots held out for validation / early stopping (0 disables both; the last epoch is kept).
-    early_stopping_patience
-        Stop after this many epochs without a lower validation loss; ``None`` runs all epochs. The weights of the
-        best validation epoch are restored either way.
-    augment
-        Augment patches in fine-tuning mode (flips, 90 degree rotations, colour jitter); unused in frozen mode.
+    plan
+        A :class:`~sthist._engine.plan.TrainPlan`; ``None`` takes the method's published ``recipe``.
+    max_epochs, batch_size, lr, weight_decay, optimizer, schedule, validation_fraction, early_stopping_patience, select_on, augment
+        Overrides of the plan (``None``: the plan's value), see :func:`~sthist._engine.plan.resolve_plan`. A recipe's
+        batch larger than the training spots is reduced to fit; a ``batch_size`` given here is not.
+    patch_size, mpp
+        The patch geometry, recorded in the model's inputs (``patch_size`` is read from ``images`` when given).
     device
         ``None`` picks cuda, then mps, then cpu; bf16 autocast on CUDA. Under torchrun every process takes the GPU
         ``LOCAL_RANK``.
@@ -549,50 +657,28 @@ def fit(
         Options of the method's ``Config`` (e.g. ``{"projection_dim": 128}`` for BLEEP).
     num_workers
         Fine-tuning: background processes of the DataLoader that read (and, for zarr, decompress) the patches of
-        the next batches while the GPU trains. ``None``: 0 off CUDA (reading in the training process, usually
-        fastest on a CPU), else ``min(8, CPUs per GPU process - 1)``. Unused in frozen mode.
+        the next batches while the GPU trains. ``None``: 0 off CUDA, else ``min(8, CPUs per GPU process - 1)``.
     compile
-        Fine-tuning: wrap the image encoder in :func:`torch.compile` (the first steps are slow while it compiles;
-        pays off on long GPU runs). Unused in frozen mode.
+        Fine-tuning: wrap the image encoder in :func:`torch.compile`.
 
     Returns
     -------
-    A :class:`~sthist._engine.model.ContrastiveModel` whose reference bank holds all n spots.
+    A :class:`~sthist._engine.model.ContrastiveModel` whose reference bank holds all n spots; its ``config`` holds
+    the resolved ``plan``, its ``inputs`` what it was fitted on, its ``history`` the losses per epoch and stage.
     """
+    from .._logging import info
+
     start_time = time.perf_counter()
-    run = _prepare(
-        method=method,
-        expression=expression,
-        genes=genes,
-        images=images,
-        features=features,
-        coords=coords,
-        groups=groups,
-        encoder=encoder,
-        pretrained=pretrained,
-        checkpoint=checkpoint,
-        finetune=finetune,
-        max_epochs=max_epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        validation_fraction=validation_fraction,
-        early_stopping_patience=early_stopping_patience,
-        augment=augment,
-        device=device,
-        random_state=random_state,
-        progress=progress,
-        method_kwargs=method_kwargs,
-        num_workers=num_workers,
-        compile=compile,
-    )
-    trainer, method_cls, dev = run.trainer, run.method_cls, run.device
-    settings = run.settings
-    max_epochs, batch_size = settings["max_epochs"], settings["batch_size"]
-    early_stopping_patience = settings["early_stopping_patience"]
+    run = _prepare(**kwargs)
+    for note in run.notes:
+        info(f"    {note}")
+    trainer, method_cls, dev, plan = run.trainer, run.method_cls, run.device, run.plan
+    progress = kwargs.get("progress", True)
+    finetune = trainer.finetune
     module, enc, ctx = trainer.module, trainer.encoder, trainer.ctx
     n_val = int(run.val_idx.size)
     g = run.expression.shape[1]
+    by_pearson = plan.select_on == "val_pearson"
 
     def snapshot():
         state = {"method": {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}}
@@ -601,56 +687,100 @@ def fit(
         return state
 
     # ---- loop ----------------------------------------------------------------------------------------------------
-    history: dict[str, Any] = {"train_loss": [], "val_loss": [], "train_components": {}}
-    best_val, best_epoch, best_state, bad_epochs, stopped_early = float("inf"), -1, None, 0, False
-    epoch_items = _loader(run, batch_size)
+    history: dict[str, Any] = {"train_loss": [], "val_loss": [], "train_components": {}, "stages": []}
+    if by_pearson:
+        history["val_pearson"] = []
+    epoch_items = _loader(run, plan.batch_size)
     show = bool(progress) and ctx.is_main
-    bar = progress_bar(range(max_epochs), enabled=show, desc=f"fitting {method}", leave=False)
-    for epoch in bar:
-        trainer.train(True)
-        total, count, parts = 0.0, 0, {}
-        val_total, val_count = 0.0, 0
-        for tag, idx, imgs in epoch_items():
-            if tag == "train":
-                loss, logs = trainer.step(idx, imgs, epoch=epoch)
-                total += float(loss.detach()) * idx.size
-                count += idx.size
-                for name, value in logs.items():
-                    parts[name] = parts.get(name, 0.0) + float(value) * idx.size
-                continue
-            if trainer.module.training:
-                trainer.train(False)
-            with torch.no_grad():
-                loss, _ = trainer.loss(idx, imgs, train=False)
-            val_total += float(loss) * idx.size
-            val_count += idx.size
-        train_loss = total / max(count, 1)
-        history["train_loss"].append(train_loss)
-        for name, value in parts.items():
-            history["train_components"].setdefault(name, []).append(value / max(count, 1))
-        if n_val:
-            # rank 0's value everywhere, so that all processes take the same early-stopping decisions
-            val_loss = distributed.broadcast_float(val_total / max(val_count, 1), ctx, dev)
-            history["val_loss"].append(val_loss)
-            if val_loss < best_val:
-                best_val, best_epoch, best_state, bad_epochs = val_loss, epoch, snapshot(), 0
+    patience = plan.early_stopping_patience
+    global_epoch, best_epoch, stopped_early = 0, -1, False
+    for s_i, stage in enumerate(run.stages):
+        if s_i:
+            _enter_stage(run, stage)
+        sched, base_lr, stage_start = stage.schedule, stage.optimizer.lr, global_epoch
+        best_score, best_epoch, best_state, bad_epochs, stopped_early = float("inf"), -1, None, 0, False
+        label = method_cls.name if len(run.stages) == 1 else f"{method_cls.name}: {stage.name}"
+        bar = progress_bar(range(stage.epochs), enabled=show, desc=f"fitting {label}", leave=False)
+        for epoch in bar:
+            lr = sched.lr_at(epoch, lr=base_lr, epochs=stage.epochs)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = lr
+            trainer.train(True)
+            total, count, parts = 0.0, 0, {}
+            val_total, val_count, outputs = 0.0, 0, []
+            for tag, idx, imgs in epoch_items():
+                if tag == "train":
+                    loss, logs = trainer.step(idx, imgs, epoch=global_epoch)
+                    total += float(loss.detach()) * idx.size
+                    count += idx.size
+                    for name, value in logs.items():
+                        parts[name] = parts.get(name, 0.0) + float(value) * idx.size
+                    continue
+                if trainer.module.training:
+                    trainer.train(False)
+                with torch.no_grad():
+                    batch = trainer.batch(idx, imgs, train=False)
+                    loss, _ = trainer.loss(idx, train=False, batch=batch)
+                    if by_pearson:
+                        with autocast(dev):
+                            out = (
+                                module.predict(batch.img_feats, batch)
+                                if method_cls.prediction == "regression"
+                                else module.embed_image(batch.img_feats, batch)
+                            )
+                        outputs.append((idx, out.float().cpu().numpy()))
+                val_total += float(loss) * idx.size
+                val_count += idx.size
+            train_loss = total / max(count, 1)
+            history["train_loss"].append(train_loss)
+            for name, value in parts.items():
+                history["train_components"].setdefault(name, []).append(value / max(count, 1))
+            if n_val:
+                # rank 0's values everywhere, so that all processes take the same early-stopping decisions
+                val_loss = distributed.broadcast_float(val_total / max(val_count, 1), ctx, dev)
+                history["val_loss"].append(val_loss)
+                score = val_loss
+                if by_pearson:
+                    if trainer.module.training:
+                        trainer.train(False)
+                    with torch.no_grad():
+                        r = distributed.broadcast_float(_val_pearson(run, outputs), ctx, dev)
+                    history["val_pearson"].append(r)
+                    score = -r
+                if score < best_score:
+                    best_score, best_epoch, best_state, bad_epochs = score, global_epoch, snapshot(), 0
+                else:
+                    bad_epochs += 1
+                bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=best_epoch + 1)
+                global_epoch += 1
+                if patience is not None and bad_epochs >= patience:
+                    stopped_early = True
+                    break
             else:
-                bad_epochs += 1
-            bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=best_epoch + 1)
-            if early_stopping_patience is not None and bad_epochs >= early_stopping_patience:
-                stopped_early = True
-                break
-        else:
-            best_epoch = epoch
-            bar.set_postfix(train=f"{train_loss:.4f}")
+                best_epoch = global_epoch
+                global_epoch += 1
+                bar.set_postfix(train=f"{train_loss:.4f}")
+        if best_state is not None:
+            module.load_state_dict(best_state["method"])
+            if finetune:
+                enc.load_state_dict(best_state["encoder"])
+        history["stages"].append(
+            {
+                "name": stage.name,
+                "epochs": global_epoch - stage_start,
+                "best_epoch": int(best_epoch),
+                "stopped_early": stopped_early,
+            }
+        )
     del epoch_items  # ends the loader's worker processes
-    if best_state is not None:
-        module.load_state_dict(best_state["method"])
-        if finetune:
-            enc.load_state_dict(best_state["encoder"])
+    for p in [*module.parameters(), *(enc.parameters() if finetune else [])]:
+        p.requires_grad_(run.own_trainable[id(p)])
     trainer.train(False)
 
-    net = _Net(module, trainer.scaler, enc if finetune else None)
+    inputs = run.inputs
+    if finetune:
+        inputs = dataclasses.replace(inputs, weights_sha256=state_sha256(enc))
+    net = _Net(module, trainer.scaler, enc if finetune else None, trainer.token_scaler)
     config: dict[str, Any] = {
         "method": method_cls.name,
         "method_config": dict(vars(run.mcfg)),
@@ -661,9 +791,12 @@ def fit(
         "similarity": method_cls.similarity,
         "mode": "finetune" if finetune else "frozen",
         "image_dim": run.image_dim,
+        "token_dim": None if trainer.token_scaler is None else int(trainer.token_scaler.mean.shape[0]),
         "n_genes": int(g),
+        "inputs": inputs.to_dict(),
         "encoder": run.enc_info,
-        "training": settings,
+        "plan": plan.to_dict(),
+        "training": run.settings,
         "versions": _versions(),
     }
     history.update(
@@ -685,7 +818,9 @@ def fit(
         encoder=run.frozen_encoder,
     )
     # the reference bank: expression embeddings of all training spots (training and validation split)
-    model.build_bank(run.expression, coords=run.coords, groups=run.groups, batch_size=max(batch_size, 256), device=dev)
+    model.build_bank(
+        run.expression, coords=run.coords, groups=run.groups, batch_size=max(plan.batch_size, 256), device=dev
+    )
     config["embedding_dim"] = int(model.bank_embeddings.shape[1])
     history["seconds"] = float(time.perf_counter() - start_time)
     return model

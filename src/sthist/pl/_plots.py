@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from scipy import sparse
 
 from .. import _constants as C
+from .._constants import Key
 from .._docs import inject_docs
 from .._validate import check_adata, check_positive_int, resolve_library
 
@@ -18,26 +19,63 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from .._engine.model import ContrastiveModel
+
 _SCORES_HINT = "run `sthist.tl.score_prediction(adata)` first"
+
+# the parameters every plot shares (scanpy's semantics), injected by ``_plot_docs``
+_PLOT_DOCS = {
+    "show": """show
+    Show the figure with :func:`matplotlib.pyplot.show`; ``None`` follows ``scanpy.settings.autoshow``.""",
+    "return_fig": """return_fig
+    Return the :class:`~matplotlib.figure.Figure` (and do not show it).""",
+    "ax": """ax
+    Axes to draw into; ``None`` makes a new figure.""",
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _plot_docs(fn: F) -> F:
+    """Shared docs (``{adata}``, ...) and the plot parameters ``{show}``, ``{return_fig}``, ``{ax}``."""
+    fn = inject_docs(fn)
+    doc = fn.__doc__ or ""
+    for name, text in _PLOT_DOCS.items():
+        placeholder = "{" + name + "}"
+        if placeholder in doc:
+            indent = doc[: doc.index(placeholder)].rsplit("\n", 1)[-1]
+            doc = doc.replace(placeholder, text.replace("\n", "\n" + indent))
+    fn.__doc__ = doc
+    return fn
 
 
 # --------------------------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------------------------- #
-def _finish(fig: Figure, axes: Any, show: bool | None, return_fig: bool = False) -> Any:
-    """Scanpy's return rules: ``return_fig`` -> Figure; ``show`` -> None; else the Axes."""
+def _finish(fig: Figure, axes: Any, show: bool | None, return_fig: bool) -> Any:
+    """Scanpy's return rules: ``return_fig`` -> Figure; else shown -> None; else the Axes.
+
+    ``show=None`` follows ``scanpy.settings.autoshow``; ``return_fig=True`` never shows.
+    """
     import matplotlib.pyplot as plt
 
+    if return_fig:
+        return fig
     if show is None:
         from scanpy import settings
 
         show = bool(settings.autoshow)
-    if return_fig:
-        return fig
     if show:
         plt.show()
         return None
     return axes
+
+
+def _root_figure(ax: Axes) -> Figure:
+    """The top-level Figure of ``ax``, also when it sits in a SubFigure (``SubFigure.figure`` is the root)."""
+    fig = ax.figure
+    root = getattr(fig, "figure", None)
+    return root if root is not None else fig
 
 
 def _column(mat: Any, rows: np.ndarray, col: int) -> np.ndarray:
@@ -128,7 +166,7 @@ def _image_and_scale(
             )
         img = np.asarray(images[img_key])
         if img_key != C.FULLRES:
-            sf_key = f"tissue_{img_key}_scalef"
+            sf_key = Key.scalefactor(img_key)
             if sf_key not in scalefactors:
                 raise KeyError(
                     f"{fn}: adata.uns['spatial'][{lib!r}]['scalefactors'] lacks {sf_key!r}, needed to place the "
@@ -175,7 +213,7 @@ def _genes_list(genes: str | Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------- #
 # public
 # --------------------------------------------------------------------------------------------- #
-@inject_docs
+@_plot_docs
 def predicted_vs_true(
     adata: AnnData,
     genes: str | Sequence[str],
@@ -223,15 +261,13 @@ def predicted_vs_true(
         Colour map.
     ncols
         Genes per row (each gene takes two panels).
-    show
-        Show the figure; ``None`` follows ``scanpy.settings.autoshow``.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The Figure with ``return_fig=True``; else, if not shown, the list of Axes
-    ``[gene1 true, gene1 predicted, gene2 true, ...]``; else ``None``.
+    With ``return_fig=True`` the :class:`~matplotlib.figure.Figure`; else, when not shown, the list of
+    :class:`~matplotlib.axes.Axes` ``[gene1 true, gene1 predicted, gene2 true, ...]``; else ``None``.
     """
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
@@ -269,8 +305,8 @@ def predicted_vs_true(
             )
         pred_vals.append(p)
         true_vals.append(_column(true, rows, col))
-    scores_key = f"{layer}_scores" if scores_key is None else scores_key
-    r_col = f"{scores_key}_pearson"
+    scores_key = Key.scores(layer) if scores_key is None else scores_key
+    r_col = Key.pearson(scores_key)
     rs = adata.var[r_col].to_numpy()[cols] if r_col in adata.var.columns else np.full(len(genes), np.nan)
 
     pad = 0.75 * d
@@ -314,10 +350,11 @@ def predicted_vs_true(
 
 
 def _scores_entry(adata: AnnData, key: str | None, fn: str) -> tuple[str, Mapping[str, Any]]:
-    key = f"{C.PREDICTED_KEY}_scores" if key is None else key
+    key = Key.scores(C.PREDICTED_KEY) if key is None else key
     entry = adata.uns.get(key)
-    if not isinstance(entry, Mapping) or "gene_corr_true" not in entry:
-        found = [k for k, v in adata.uns.items() if isinstance(v, Mapping) and "gene_corr_true" in v]
+    marker = Key.gene_corr("true")
+    if not isinstance(entry, Mapping) or marker not in entry:
+        found = [k for k, v in adata.uns.items() if isinstance(v, Mapping) and marker in v]
         raise KeyError(
             f"{fn}: adata.uns[{key!r}] holds no scores; {_SCORES_HINT} (or pass `key=` its key_added; "
             f"scores found: {found})."
@@ -325,6 +362,7 @@ def _scores_entry(adata: AnnData, key: str | None, fn: str) -> tuple[str, Mappin
     return key, entry
 
 
+@_plot_docs
 def gene_correlation(
     adata: AnnData,
     *,
@@ -351,15 +389,13 @@ def gene_correlation(
         Subset of the stored genes (``adata.uns[key]['gene_corr_genes']``) to show; ``None`` shows all.
     cmap
         Colour map of the heatmaps (range -1 to 1).
-    show
-        Show the figure; ``None`` follows ``scanpy.settings.autoshow``.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The Figure with ``return_fig=True``; else, if not shown, the Axes ``[true heatmap, predicted heatmap,
-    scatter]``; else ``None``.
+    With ``return_fig=True`` the :class:`~matplotlib.figure.Figure`; else, when not shown, the list of
+    :class:`~matplotlib.axes.Axes` ``[true heatmap, predicted heatmap, scatter]``; else ``None``.
     """
     import matplotlib.pyplot as plt
     from scipy.cluster.hierarchy import leaves_list, linkage
@@ -368,16 +404,16 @@ def gene_correlation(
     fn = "sthist.pl.gene_correlation"
     check_adata(adata, fn=fn)
     key, entry = _scores_entry(adata, key, fn)
-    ct = np.asarray(entry["gene_corr_true"], dtype=np.float64)
-    cp = np.asarray(entry["gene_corr_pred"], dtype=np.float64)
-    names = [str(g) for g in np.asarray(entry["gene_corr_genes"]).tolist()]
+    ct = np.asarray(entry[Key.gene_corr("true")], dtype=np.float64)
+    cp = np.asarray(entry[Key.gene_corr("pred")], dtype=np.float64)
+    names = [str(g) for g in np.asarray(entry[Key.gene_corr("genes")]).tolist()]
     if genes is not None:
         genes = _genes_list(genes)
         unknown = [g for g in genes if g not in names]
         if unknown:
             raise KeyError(
                 f"{fn}: gene(s) {unknown[:10]} are not among the genes of the stored gene-gene correlation "
-                f"(adata.uns[{key!r}]['gene_corr_genes'], {len(names)} genes); rerun score_prediction with "
+                f"(adata.uns[{key!r}][{Key.gene_corr('genes')!r}], {len(names)} genes); rerun score_prediction with "
                 "`genes=` or a larger `n_top`."
             )
         idx = np.array([names.index(g) for g in genes])
@@ -424,14 +460,16 @@ def gene_correlation(
     return _finish(fig, list(axs), show, return_fig)
 
 
+@_plot_docs
 def scores(
     adata: AnnData,
     *,
     key: str | None = None,
     n_genes: int = 30,
     show: bool | None = None,
+    return_fig: bool = False,
     ax: Axes | None = None,
-) -> Axes | None:
+) -> Figure | Axes | None:
     """Per-gene Pearson r of a prediction, ranked: the best and the worst genes, with the mean as a line.
 
     Parameters
@@ -442,24 +480,25 @@ def scores(
         Its ``key_added``; ``None`` means ``'predicted_scores'``. Reads ``adata.var[key + '_pearson']``.
     n_genes
         Number of top and of bottom genes shown; all genes when there are at most ``2 * n_genes``.
-    show
-        Show the figure; ``None`` follows ``scanpy.settings.autoshow``.
-    ax
-        Axes to draw into; ``None`` makes a new figure.
+    {show}
+    {return_fig}
+    {ax}
 
     Returns
     -------
-    The Axes, unless shown.
+    With ``return_fig=True`` the :class:`~matplotlib.figure.Figure`; else, when not shown, the
+    :class:`~matplotlib.axes.Axes`; else ``None``.
     """
     import matplotlib.pyplot as plt
 
     fn = "sthist.pl.scores"
     check_adata(adata, fn=fn)
     n_genes = check_positive_int("n_genes", n_genes)
-    key = f"{C.PREDICTED_KEY}_scores" if key is None else key
-    col = f"{key}_pearson"
+    key = Key.scores(C.PREDICTED_KEY) if key is None else key
+    col = Key.pearson(key)
     if col not in adata.var.columns:
-        found = [c[: -len("_pearson")] for c in adata.var.columns if str(c).endswith("_pearson")]
+        suffix = C.PEARSON_SUFFIX
+        found = [str(c)[: -len(suffix)] for c in adata.var.columns if str(c).endswith(suffix)]
         raise KeyError(f"{fn}: adata.var[{col!r}] is missing; {_SCORES_HINT} (or pass `key=`; found: {found}).")
     r = adata.var[col].to_numpy(dtype=np.float64)
     ok = np.isfinite(r)
@@ -480,7 +519,7 @@ def scores(
         width = min(max(4.0, 0.22 * len(vals) + 1.5), 20.0)
         fig, ax = plt.subplots(figsize=(width, 4.0), layout="constrained")
     else:
-        fig = ax.figure
+        fig = _root_figure(ax)
     x = np.arange(len(vals))
     colors = np.where(np.nan_to_num(vals) >= 0, "C0", "C3")
     ax.bar(x, np.nan_to_num(vals), color=colors, width=0.8)
@@ -498,45 +537,72 @@ def scores(
     shown = f"top and bottom {n_genes} of {total}" if total > 2 * n_genes else f"all {total}"
     ax.set_title(f"per-gene r, {shown} genes ({key})")
     ax.legend(loc="upper right", fontsize=8, frameon=False)
-    return _finish(fig, ax, show)
+    return _finish(fig, ax, show, return_fig)
 
 
-def _history_dict(model_or_history: Any) -> Mapping[str, Any]:
-    h = model_or_history
+def _history_dict(adata: Any, key: str) -> Mapping[str, Any]:
+    """The loss history of an AnnData's ``uns[key]``, of a fitted model, or a history dict itself."""
+    from anndata import AnnData
+
+    fn = "sthist.pl.training_history"
+    if isinstance(adata, AnnData):
+        if key not in adata.uns:
+            found = [
+                k for k, v in adata.uns.items() if isinstance(v, Mapping) and isinstance(v.get(C.HISTORY), Mapping)
+            ]
+            raise KeyError(
+                f"{fn}: adata.uns[{key!r}] is missing; run `sthist.tl.fit_contrastive(adata, key_added={key!r})` "
+                f"first, or pass `key=` its key_added (entries with a loss history: {found})."
+            )
+        h = adata.uns[key]
+    else:
+        h = adata
     if not isinstance(h, Mapping) and hasattr(h, "history"):
         h = h.history
-    if isinstance(h, Mapping) and "train_loss" not in h and isinstance(h.get("history"), Mapping):
-        h = h["history"]
+    if isinstance(h, Mapping) and "train_loss" not in h and isinstance(h.get(C.HISTORY), Mapping):
+        h = h[C.HISTORY]
     if not isinstance(h, Mapping) or "train_loss" not in h:
+        where = f"adata.uns[{key!r}]" if isinstance(adata, AnnData) else type(adata).__name__
         raise TypeError(
-            "sthist.pl.training_history: pass a fitted model (with `.history`), its history dict "
-            "{'train_loss': [...], 'val_loss': [...], 'best_epoch': int}, or the adata.uns entry holding it; "
-            f"got {type(model_or_history).__name__} without 'train_loss'."
+            f"{fn}: pass an AnnData fitted by `sthist.tl.fit_contrastive` (with `key=` its key_added), a fitted "
+            "model (with `.history`), its history dict {'train_loss': [...], 'val_loss': [...], 'best_epoch': int}, "
+            f"or the adata.uns entry holding it; got {where} without 'train_loss'."
         )
     return h
 
 
-def training_history(model_or_history: Any, *, show: bool | None = None, ax: Axes | None = None) -> Axes | None:
+@_plot_docs
+def training_history(
+    adata: AnnData | ContrastiveModel | Mapping[str, Any],
+    *,
+    key: str = C.CONTRASTIVE_KEY,
+    show: bool | None = None,
+    return_fig: bool = False,
+    ax: Axes | None = None,
+) -> Figure | Axes | None:
     """Training and validation loss per epoch, with the best epoch marked.
 
     Parameters
     ----------
-    model_or_history
-        A fitted model with a ``history`` attribute, the dict itself, or the ``adata.uns`` entry that holds it
-        (directly or under ``'history'``): ``'train_loss'`` (one value per epoch), optionally ``'val_loss'``
-        and ``'best_epoch'`` (0-based index into the loss lists; epochs are drawn from 1).
-    show
-        Show the figure; ``None`` follows ``scanpy.settings.autoshow``.
-    ax
-        Axes to draw into; ``None`` makes a new figure.
+    adata
+        AnnData fitted by :func:`sthist.tl.fit_contrastive`, which reads ``adata.uns[key]['history']``. A fitted
+        model (with a ``history`` attribute), the history dict itself or the ``adata.uns`` entry holding it work
+        too. The history holds ``'train_loss'`` (one value per epoch), optionally ``'val_loss'`` and
+        ``'best_epoch'`` (0-based index into the loss lists; epochs are drawn from 1).
+    key
+        ``key_added`` of :func:`sthist.tl.fit_contrastive`; used only when ``adata`` is an AnnData.
+    {show}
+    {return_fig}
+    {ax}
 
     Returns
     -------
-    The Axes, unless shown.
+    With ``return_fig=True`` the :class:`~matplotlib.figure.Figure`; else, when not shown, the
+    :class:`~matplotlib.axes.Axes`; else ``None``.
     """
     import matplotlib.pyplot as plt
 
-    h = _history_dict(model_or_history)
+    h = _history_dict(adata, key)
     train = np.asarray(h["train_loss"], dtype=np.float64).ravel()
     if train.size == 0:
         raise ValueError("sthist.pl.training_history: the history holds no epoch ('train_loss' is empty).")
@@ -547,7 +613,7 @@ def training_history(model_or_history: Any, *, show: bool | None = None, ax: Axe
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     else:
-        fig = ax.figure
+        fig = _root_figure(ax)
     epochs = np.arange(1, train.size + 1)
     marker = "o" if train.size <= 30 else None
     ax.plot(epochs, train, color="C0", marker=marker, ms=3, label="train")
@@ -577,4 +643,4 @@ def training_history(model_or_history: Any, *, show: bool | None = None, ax: Axe
     if train.size < 15:
         ax.set_xticks(epochs)
     ax.legend(frameon=False)
-    return _finish(fig, ax, show)
+    return _finish(fig, ax, show, return_fig)

@@ -21,9 +21,10 @@ DEFAULT_ENCODER = "hed-texture"  # kept equal to sthist._engine.encoders.DEFAULT
 
 def _patch_geometry(adata: AnnData, patches_key: str) -> dict:
     """Patch size and resolution the patches were extracted at (recorded so predictions reuse them)."""
-    entry = adata.uns.get(patches_key)
-    params = entry.get("params", {}) if isinstance(entry, dict) else {}
-    return {k: params[k] for k in ("patch_size", "mpp") if k in params and params[k] is not None}
+    from .._anndata import patch_geometry
+
+    size, mpp = patch_geometry(adata, patches_key)
+    return {k: v for k, v in (("patch_size", size), ("mpp", mpp)) if v is not None}
 
 
 def default_key(encoder: str) -> str:
@@ -69,10 +70,13 @@ def encode(
                 enc, np.ascontiguousarray(block), batch_size=batch_size, device=device, progress=False
             )
             bar.update(block.shape[0])
+    from .._engine.base import state_sha256
+
     params = {
         "encoder": encoder,
         "pretrained": bool(enc.pretrained),
         "checkpoint": "" if enc.checkpoint is None else str(enc.checkpoint),
+        "weights_sha256": state_sha256(enc) or "",
         "out_dim": int(enc.out_dim),
         "patches_key": patches_key,
         **_patch_geometry(adata, patches_key),
@@ -145,8 +149,9 @@ def embed_patches(
     ``adata.obsm['X_<encoder>' | key_added]``
         float32 (n_obs, out_dim) embeddings: numpy, or with ``store`` a dask array.
     ``adata.uns['X_<encoder>' | key_added]['params']``
-        ``encoder``, ``pretrained``, ``checkpoint`` (``""`` when none), ``out_dim``, ``patches_key`` and
-        ``store`` (only with ``store``).
+        ``encoder``, ``pretrained``, ``checkpoint`` (``""`` when none), ``weights_sha256`` (of the encoder's
+        weights; ``""`` for the weight-free encoder), ``out_dim``, ``patches_key``, the patch geometry
+        (``patch_size``, ``mpp``) and ``store`` (only with ``store``).
 
     Examples
     --------

@@ -23,9 +23,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 #: Spots per chunk of a patch array.
 PATCH_CHUNK = 512
@@ -186,7 +189,7 @@ def open_embeddings(path: str | os.PathLike) -> Any:
     return da.from_zarr(group["embeddings"])
 
 
-def read_store(path: str | os.PathLike) -> Any:
+def read_store(path: str | os.PathLike) -> da.Array:
     """Open a patch or embedding store written by sthist as a lazy dask array in ``obs`` order.
 
     Use it to reattach a store to an AnnData read back from disk, e.g.

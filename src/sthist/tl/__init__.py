@@ -1,35 +1,57 @@
-"""Tools: fit contrastive models, predict expression, score predictions."""
+"""Tools: fit models, predict expression, score predictions."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._engine.plan import Optim, Schedule, Stage, TrainPlan
 from ._cv import cross_validate
 from ._fit import fit_contrastive
 from ._predict import predict_expression
-from ._ridge import RidgeModel, fit_ridge
+from ._registry import methods
+from ._ridge import fit_ridge
 from ._score import score_prediction
 from ._slide import predict_slide
+from ._utils import load_model
 
 if TYPE_CHECKING:
+    from .._engine.base import BaseModel, ModelInputs
     from .._engine.model import ContrastiveModel
+    from .._engine.ridge import RidgeModel
+
+_LAZY = {
+    "BaseModel": "base",
+    "ModelInputs": "base",
+    "Prediction": "base",
+    "ContrastiveModel": "model",
+    "RidgeModel": "ridge",
+}
 
 
 def __getattr__(name: str):
-    # the model class lives in the torch engine: import it only when asked for
-    if name == "ContrastiveModel":
-        from .._engine.model import ContrastiveModel
+    # the model classes live in the engine (the contrastive one needs torch): import them only when asked for
+    if name in _LAZY:
+        import importlib
 
-        return ContrastiveModel
+        return getattr(importlib.import_module(f"sthist._engine.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'sthist.tl' has no attribute {name!r}")
 
 
 __all__ = [
+    "BaseModel",
     "ContrastiveModel",
+    "ModelInputs",
+    "Optim",
+    "Prediction",
     "RidgeModel",
+    "Schedule",
+    "Stage",
+    "TrainPlan",
     "cross_validate",
     "fit_contrastive",
     "fit_ridge",
+    "load_model",
+    "methods",
     "predict_expression",
     "predict_slide",
     "score_prediction",

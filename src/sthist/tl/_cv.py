@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _constants as C
+from .._anndata import get_matrix, get_patches, image_features, record
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata
-from ..pp._embed import encode
-from ._fit import DEFAULT_ENCODER, _h5ad_safe, cached_features
-from ._utils import expression_matrix, image_inputs
+from ._fit import DEFAULT_ENCODER
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,6 +39,7 @@ def cross_validate(
     progress: bool = True,
     key_added: str = C.CV_KEY,
     fit_kwargs: dict[str, Any] | None = None,
+    inplace: bool = True,
 ) -> pd.DataFrame:
     """Leave-one-group-out cross-validation: train on all groups but one, predict the held-out one.
 
@@ -53,8 +53,9 @@ def cross_validate(
     groupby
         Column of ``adata.obs`` whose values define the folds (at least two).
     method
-        ``'ridge'`` (the HEST linear probe, :func:`sthist.tl.fit_ridge`) or a contrastive method of
-        :func:`sthist.tl.fit_contrastive` (``'bleep'``).
+        A registered method or baseline (:func:`sthist.tl.methods`): a contrastive method of
+        :func:`sthist.tl.fit_contrastive` (``'bleep'``, ...) or ``'ridge'`` (the HEST linear probe,
+        :func:`sthist.tl.fit_ridge`).
     {layer}
         The same layer is the training target and the truth the predictions are scored against.
     {genes}
@@ -75,14 +76,17 @@ def cross_validate(
     key_added
         Name of the out-of-fold prediction layer and of the ``uns`` entry.
     fit_kwargs
-        More keyword arguments for :func:`sthist.tl.fit_contrastive` or :func:`sthist.tl.fit_ridge`
-        (e.g. ``dict(max_epochs=50)``).
+        More keyword arguments for the method's fit function (:func:`sthist.tl.fit_contrastive`,
+        :func:`sthist.tl.fit_ridge`), e.g. ``dict(max_epochs=50)``; one it does not take raises, unless unset.
+    inplace
+        Write the out-of-fold predictions and the scores into ``adata`` (below); ``False`` leaves ``adata``
+        unchanged and only returns the table.
 
     Returns
     -------
     A tidy :class:`~pandas.DataFrame` with one row per held-out group (``fold``) and the metrics of
     :func:`sthist.tl.score_prediction` (``pcc_all``, ``pcc_heg``, ``pcc_hvg``, ``gene_corr``, ``mse``, ``mae``),
-    ``n_obs``, ``seconds`` and ``method``. Also writes
+    ``n_obs``, ``seconds`` and ``method``. With ``inplace=True`` (the default) also writes
 
     ``adata.layers['cv_predicted' | key_added]``
         out-of-fold predictions (each spot predicted by the model that did not see its group).
@@ -94,12 +98,13 @@ def cross_validate(
     import anndata as ad
     import pandas as pd
 
-    from ._fit import fit_contrastive
     from ._predict import predict_expression
-    from ._ridge import fit_ridge
+    from ._registry import fit_predictor, get_predictor
     from ._score import score_prediction
 
     check_adata(adata, fn="sthist.tl.cross_validate")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}.")
     if groupby not in adata.obs:
         raise KeyError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
     labels = adata.obs[groupby].astype(str).to_numpy()
@@ -110,45 +115,46 @@ def cross_validate(
     folds = list(dict.fromkeys(labels))
     if len(folds) < 2:
         raise ValueError(f"adata.obs[{groupby!r}] has {len(folds)} group(s); leave-one-out needs at least two.")
-    if method != "ridge":
-        from .._engine.methods import get_method
-
-        get_method(method)
-    expr, gene_names = expression_matrix(adata, layer=layer, genes=genes)
+    predictor = get_predictor(method)
+    expr, gene_names = get_matrix(adata, layer=layer, genes=genes, nonnegative=predictor.kind == "contrastive")
     fit_kwargs = dict(fit_kwargs or {})
     finetune = bool(fit_kwargs.get("finetune", False))
 
     # one lightweight AnnData holding just what the folds need; features computed once
-    obsm: dict[str, np.ndarray] = {}
+    obsm: dict[str, Any] = {}
+    uns: dict[str, Any] = {}
     if spatial_key in adata.obsm:
         obsm[C.SPATIAL_KEY] = np.asarray(adata.obsm[spatial_key])
-    patches, feats = image_inputs(adata, patches_key=patches_key, features_key=features_key, need_patches=finetune)
     if finetune:
-        obsm[C.PATCHES_KEY] = patches
+        obsm[C.PATCHES_KEY] = get_patches(adata, patches_key=patches_key)
+        if isinstance(adata.uns.get(patches_key), dict):
+            uns[C.PATCHES_KEY] = adata.uns[patches_key]
     else:
-        if feats is None:
-            key = cached_features(
-                adata, encoder=encoder, pretrained=fit_kwargs.get("pretrained", False), checkpoint=fit_kwargs.get("checkpoint")
-            )
-            if key is not None:
-                feats = np.asarray(adata.obsm[key], dtype=np.float32)
-            else:
-                feats, _ = encode(
-                    adata,
-                    patches,
-                    encoder=encoder,
-                    pretrained=fit_kwargs.get("pretrained", False),
-                    checkpoint=fit_kwargs.get("checkpoint"),
-                    patches_key=patches_key,
-                    progress=progress,
-                )
-        obsm["features"] = feats
+        feats = image_features(
+            adata,
+            encoder=encoder,
+            pretrained=fit_kwargs.get("pretrained", False),
+            checkpoint=fit_kwargs.get("checkpoint"),
+            patches_key=patches_key,
+            features_key=features_key,
+            progress=progress,
+        )
+        obsm[feats.key] = feats.values
+        uns[feats.key] = {"params": feats.params}
+        fit_kwargs["features_key"] = feats.key
     work = ad.AnnData(
         X=expr,
         obs=pd.DataFrame({groupby: labels, "_library": libraries}, index=adata.obs_names.copy()),
         var=pd.DataFrame(index=pd.Index(gene_names)),
         obsm=obsm,
+        uns=uns,
     )
+    defaults = {"library_key": "_library", "progress": progress, "random_state": random_state}
+    if not finetune:
+        defaults["encoder"] = encoder
+    for key, value in defaults.items():
+        if predictor.accepts(key):
+            fit_kwargs.setdefault(key, value)
     oof = np.full(expr.shape, np.nan, dtype=np.float32)
     seconds: dict[str, float] = {}
     start = info(f"cross-validating {method!r} over {len(folds)} groups of {groupby!r}")
@@ -157,23 +163,13 @@ def cross_validate(
         test = labels == fold
         train_ad = work[~test].copy()
         test_ad = work[test].copy()
-        if method == "ridge":
-            rkw = {kk: v for kk, v in fit_kwargs.items() if kk in {"n_components", "alpha"}}
-            model = fit_ridge(train_ad, features_key="features", random_state=random_state, **rkw)
-        else:
-            fkw = {kk: v for kk, v in fit_kwargs.items() if kk not in {"encoder"}}
-            if not finetune:
-                fkw["features_key"] = "features"
-            fkw.setdefault("library_key", "_library")
-            model = fit_contrastive(
-                train_ad, method=method, encoder=encoder, random_state=random_state, progress=progress, **fkw
-            )
+        model = fit_predictor(train_ad, method, **fit_kwargs)
         predict_expression(
             test_ad,
             model,
             k=k,
             weighting=weighting,
-            features_key=None if finetune else "features",
+            features_key=fit_kwargs.get("features_key"),
             library_key="_library",
             key_added="oof",
             progress=False,
@@ -187,6 +183,9 @@ def cross_validate(
     table = table.drop(index="all", errors="ignore").rename_axis("fold").reset_index()
     table.insert(1, "method", method)
     table["seconds"] = table["fold"].map(seconds)
+    if not inplace:
+        info("    finished", time=start)
+        return table
 
     full = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
     cols = adata.var_names.get_indexer(gene_names)
@@ -194,8 +193,10 @@ def cross_validate(
     adata.layers[key_added] = full
     modelled = np.zeros(adata.n_vars, dtype=bool)
     modelled[cols] = True
-    adata.var[f"{key_added}{C.MODELLED_SUFFIX}"] = modelled
-    adata.uns[key_added] = _h5ad_safe(
+    adata.var[C.Key.modelled(key_added)] = modelled
+    record(
+        adata,
+        key_added,
         {
             "params": {
                 "groupby": groupby,
@@ -209,7 +210,7 @@ def cross_validate(
             },
             "scores": {c: table[c].to_numpy() for c in table.columns if c not in {"fold", "method"}}
             | {"fold": table["fold"].astype(str).tolist()},
-        }
+        },
     )
     info("    finished", time=start)
     return table

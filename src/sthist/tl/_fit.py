@@ -5,75 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from .. import _constants as C
+from .._anndata import get_matrix, get_patches, image_features, patch_geometry, record, spatial_inputs
 from .._docs import inject_docs
 from .._logging import info
-from .._validate import check_adata, check_positive_int
-from ..pp._embed import default_key, encode
-from ._utils import expression_matrix, image_inputs, register_model
+from .._validate import check_adata
+from ._utils import model_record
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from .._engine.model import ContrastiveModel
+    from .._engine.plan import TrainPlan
+
 DEFAULT_ENCODER = "hed-texture"
-METHODS_DOC = "``'bleep'``, ``'mclstexp'``, ``'nh2st'``, ``'stgchb'``, ``'cmrcnet'`` and ``'bleep_ctx'`` (BLEEP with neighbour context)"
-
-
-def _h5ad_safe(obj: Any) -> Any:
-    """Make a nested structure writable to h5ad (no None, plain containers)."""
-    if isinstance(obj, dict):
-        return {str(k): _h5ad_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        vals = [_h5ad_safe(v) for v in obj]
-        if vals and all(isinstance(v, int | float | bool | np.number) for v in vals):
-            return np.asarray(vals)
-        return vals if vals else np.zeros(0)
-    if obj is None:
-        return ""
-    return obj
-
-
-def cached_features(adata: AnnData, *, encoder: str, pretrained: bool, checkpoint: str | None) -> str | None:
-    """The obsm key of embeddings computed earlier with exactly this encoder, or None."""
-    key = default_key(encoder)
-    params = adata.uns.get(key, {}).get("params", {}) if isinstance(adata.uns.get(key), dict) else {}
-    same = (
-        key in adata.obsm
-        and params.get("encoder") == encoder
-        and bool(params.get("pretrained")) == bool(pretrained)
-        and (params.get("checkpoint") or "") == (str(checkpoint) if checkpoint else "")
-    )
-    return key if same else None
-
-
-def spatial_inputs(adata: AnnData, *, spatial_key: str, library_key: str | None, spatial_method: str | None = None):
-    """Coordinates (or None when absent) and section labels (or None).
-
-    ``spatial_method`` names a method that uses coordinates or spatial neighbours: then missing coordinates and
-    several sections without ``library_key`` raise with the fix.
-    """
-    coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2] if spatial_key in adata.obsm else None
-    groups = None
-    if library_key is not None:
-        if library_key not in adata.obs:
-            raise KeyError(f"library_key={library_key!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
-        groups = adata.obs[library_key].astype(str).to_numpy()
-    if spatial_method is not None:
-        if coords is None:
-            raise KeyError(
-                f"method {spatial_method!r} uses the spots' positions and spatial neighbours, but "
-                f"adata.obsm[{spatial_key!r}] is missing: add the spot centres in full-resolution pixels (see `sthist.io`)."
-            )
-        if library_key is None:
-            for col in (C.SECTION_KEY, "library_id"):
-                if col in adata.obs and adata.obs[col].nunique() > 1:
-                    raise ValueError(
-                        f"adata holds several sections (adata.obs[{col!r}]) and method {spatial_method!r} uses spatial "
-                        f"neighbours: pass library_key={col!r} so that spots of different sections are not neighbours."
-                    )
-    return coords, groups
+METHODS_DOC = "see :func:`sthist.tl.methods` (``'bleep'``, ``'mclstexp'``, ``'nh2st'``, ``'stgchb'``, ``'cmrcnet'``, ``'bleep_ctx'``)"
 
 
 @inject_docs
@@ -89,13 +35,15 @@ def fit_contrastive(
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
     finetune: bool = False,
+    plan: TrainPlan | None = None,
     max_epochs: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
     weight_decay: float | None = None,
-    validation_fraction: float = 0.1,
-    early_stopping_patience: int | None = 10,
-    augment: bool = True,
+    validation_fraction: float | None = None,
+    early_stopping_patience: int | None = None,
+    select_on: Literal["val_loss", "val_pearson"] | None = None,
+    augment: bool | None = None,
     spatial_key: str = C.SPATIAL_KEY,
     library_key: str | None = None,
     device: Literal["cpu", "cuda", "mps"] | str | None = None,
@@ -106,7 +54,7 @@ def fit_contrastive(
     key_added: str = C.CONTRASTIVE_KEY,
     num_workers: int | None = None,
     compile: bool = False,
-):
+) -> ContrastiveModel:
     """Fit a contrastive model that aligns H&E patches with expression profiles.
 
     The image side is an encoder (frozen, with its embeddings cached once, or fine-tuned end to end) followed
@@ -142,18 +90,23 @@ def fit_contrastive(
     finetune
         Train the image encoder end to end on the patches (with flips, 90° rotations and colour jitter when
         ``augment``), instead of training only the heads on frozen embeddings. Much slower on a CPU.
+    plan
+        The training plan (:class:`sthist.tl.TrainPlan`: optimiser, learning-rate schedule, batch, epochs, stages,
+        model selection); ``None`` runs the method's published recipe (``sthist.tl.methods()`` and the method's
+        docs page list it). The settings below override single fields of it.
     max_epochs, batch_size, lr, weight_decay
-        Training length and optimiser settings; ``None`` takes the method's paper values where it has them (its
-        docs page lists them), else the engine's: at most 100 epochs with early stopping, batch 256, AdamW lr 1e-3,
-        weight decay 1e-3 (BLEEP's code). A batch size larger than the training spots is reduced to fit, with a log
-        message, unless given explicitly.
+        Training length and optimiser settings; ``None`` keeps the plan's. A recipe's batch larger than the
+        training spots is reduced to fit, with a log message; a ``batch_size`` given here is not.
     validation_fraction
-        Fraction of spots held out for early stopping and the validation loss.
+        Fraction of spots held out for early stopping and model selection (plan default 0.1).
     early_stopping_patience
-        Epochs without validation improvement before stopping (the best weights are restored); ``None``
-        trains for ``max_epochs``.
+        Epochs without validation improvement before stopping (the best weights are restored); plan default 10.
+        To train every epoch, pass ``plan=TrainPlan(..., early_stopping_patience=None)``.
+    select_on
+        Model selection: ``'val_loss'`` (plan default) or ``'val_pearson'``, the mean Pearson r over genes of the
+        expression predicted for the validation spots.
     augment
-        Augment patches when fine-tuning.
+        Augment patches when fine-tuning (plan default True).
     spatial_key
         ``adata.obsm`` key of the spot coordinates, for methods that use spatial neighbours.
     {library_key}
@@ -164,8 +117,9 @@ def fit_contrastive(
     method_kwargs
         Settings of the method's configuration (e.g. ``dict(temperature=1.0, projection_dim=256)`` for BLEEP).
     save_dir
-        Also save the model to this folder and record it in ``adata.uns[key_added]['model_dir']``, so that
-        :func:`sthist.tl.predict_expression` finds it in a later session.
+        Also save the model to this folder (replacing a model saved there before) and record it in
+        ``adata.uns[key_added]['model_dir']``, so that :func:`sthist.tl.predict_expression` finds it in a later
+        session.
     key_added
         Key of the outputs in ``adata.obsm`` and ``adata.uns``.
     num_workers
@@ -178,8 +132,8 @@ def fit_contrastive(
 
     Returns
     -------
-    The fitted model (:class:`~sthist.tl.ContrastiveModel`; ``model.save(dir)`` / ``ContrastiveModel.load(dir)``).
-    Also writes
+    The fitted model (:class:`~sthist.tl.ContrastiveModel`; ``model.save(dir)`` / ``sthist.tl.load_model(dir)``);
+    ``model.config['plan']`` is the plan that ran and ``model.inputs`` what it was fitted on. Also writes
 
     ``adata.obsm['X_<key_added>_image']``, ``adata.obsm['X_<key_added>_expression']``
         float32 image and expression embeddings in the joint space.
@@ -198,134 +152,114 @@ def fit_contrastive(
     >>> model = st.tl.fit_contrastive(adata, layer="targets")  # doctest: +SKIP
     """
     check_adata(adata, fn="sthist.tl.fit_contrastive")
+    from .._engine import train as engine
     from .._engine.methods import get_method
 
     method_cls = get_method(method)  # unknown names raise with the list of methods
     method_cls.make_config(method_kwargs)  # unknown or invalid settings raise before any work
-    expr, gene_names = expression_matrix(adata, layer=layer, genes=genes)
-    patches, feats = image_inputs(adata, patches_key=patches_key, features_key=features_key, need_patches=finetune)
+    overrides = {
+        "max_epochs": max_epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "validation_fraction": validation_fraction,
+        "early_stopping_patience": early_stopping_patience,
+        "select_on": select_on,
+        "augment": augment,
+    }
+    from .._engine.plan import resolve_plan
+
+    resolve_plan(method_cls.recipe, plan, **overrides)  # invalid settings raise before any work
+    expr, gene_names = get_matrix(adata, layer=layer, genes=genes)
+    needs_space = bool(method_cls.needs_neighbors or method_cls.needs_coords)
     coords, groups = spatial_inputs(
-        adata,
-        spatial_key=spatial_key,
-        library_key=library_key,
-        spatial_method=method if (method_cls.needs_neighbors or method_cls.needs_coords) else None,
+        adata, spatial_key=spatial_key, library_key=library_key, needs_space=needs_space, method=method
     )
-    n = adata.n_obs
-    if not 0 <= validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}.")
-    n_train = n - round(n * validation_fraction)
-
-    from .._engine import train as engine
-
-    kwargs: dict[str, Any] = {}
-    paper = method_cls.training_defaults
-    for name, value in {"max_epochs": max_epochs, "lr": lr, "weight_decay": weight_decay}.items():
-        if value is not None:
-            kwargs[name] = value
-        elif name in paper:
-            kwargs[name] = paper[name]
-    if batch_size is None:
-        batch_size = paper.get("batch_size", engine.DEFAULTS["batch_size"])
-        if batch_size > n_train:
-            info(f"    batch size reduced from {batch_size} to the {n_train} training spots")
-            batch_size = n_train
-    batch_size = check_positive_int("batch_size", batch_size)
-    if batch_size > n_train:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than the {n_train} training spots ({n} spots, "
-            f"validation_fraction={validation_fraction}); use batch_size <= {n_train} or more spots."
+    if finetune or "tokens" in method_cls.consumes:
+        # fine-tuning, or a method that reads token grids: the engine encodes the patches itself (tokens once)
+        patches, feats = get_patches(adata, patches_key=patches_key), None
+        geometry = patch_geometry(adata, patches_key)
+        image_kw = {"images": patches}
+    else:
+        feats = image_features(
+            adata,
+            encoder=encoder,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            patches_key=patches_key,
+            features_key=features_key,
+            device=device,
+            progress=progress,
         )
-
-    new_features_key = None
-    if not finetune and feats is None:
-        features_key = cached_features(adata, encoder=encoder, pretrained=pretrained, checkpoint=checkpoint)
-        if features_key is not None:
-            feats = np.asarray(adata.obsm[features_key], dtype=np.float32)
-        else:
-            feats, enc_params = encode(
-                adata,
-                patches,
-                encoder=encoder,
-                pretrained=pretrained,
-                checkpoint=checkpoint,
-                patches_key=patches_key,
-                device=device,
-                progress=progress,
-            )
-            new_features_key = default_key(encoder)
-    start = info(f"fitting {method!r} on {n} spots x {len(gene_names)} genes")
+        geometry = patch_geometry(adata, patches_key if feats.computed else feats.key)
+        image_kw = {"features": feats.values}
+        encoder = feats.params.get("encoder") or encoder
+    start = info(f"fitting {method!r} on {adata.n_obs} spots x {len(gene_names)} genes")
     model = engine.fit(
         method=method,
         expression=expr,
         genes=gene_names,
-        images=patches if finetune else None,
-        features=None if finetune else feats,
+        **image_kw,
         coords=coords,
         groups=groups,
         encoder=encoder,
         pretrained=pretrained,
         checkpoint=None if checkpoint is None else str(checkpoint),
+        encoder_info=None if feats is None else feats.params,
         finetune=finetune,
-        batch_size=batch_size,
-        validation_fraction=validation_fraction,
-        early_stopping_patience=early_stopping_patience,
-        augment=augment,
+        plan=plan,
+        patch_size=geometry[0],
+        mpp=geometry[1],
         device=device,
         random_state=random_state,
         progress=progress,
         method_kwargs=method_kwargs,
         num_workers=num_workers,
         compile=compile,
-        **kwargs,
+        **overrides,
     )
-    patch_params = (
-        adata.uns.get(patches_key, {}).get("params", {}) if isinstance(adata.uns.get(patches_key), dict) else {}
-    )
-    model.config["patches"] = {k: v for k, v in dict(patch_params).items() if k in {"patch_size", "mpp", "pad_value"}}
-    img_kw = {"images": patches} if finetune else {"features": feats}
-    img_emb = model.embed_images(**img_kw, coords=coords, groups=groups, device=device)
+    img_emb = model.embed_images(**image_kw, coords=coords, groups=groups, device=device)
     expr_emb = model.embed_expression(expr, coords=coords, groups=groups, device=device)
     if save_dir is not None:
-        model.save(save_dir)
+        model.save(save_dir, overwrite=True)
 
     # everything succeeded: write into adata
-    if new_features_key is not None:
-        adata.obsm[new_features_key] = feats
-        adata.uns[new_features_key] = {"params": enc_params}
-    adata.obsm[f"X_{key_added}_image"] = img_emb
-    adata.obsm[f"X_{key_added}_expression"] = expr_emb
+    if feats is not None:
+        feats.store(adata)
+    adata.obsm[C.Key.embedding(key_added, "image")] = img_emb
+    adata.obsm[C.Key.embedding(key_added, "expression")] = expr_emb
     params = {
         "method": method,
         "layer": layer,
         "n_genes": len(gene_names),
         "patches_key": patches_key,
-        "features_key": features_key or new_features_key,
-        "encoder": encoder,
+        "features_key": None if feats is None else feats.key,
+        "encoder": model.inputs.encoder,
         "pretrained": pretrained,
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "finetune": finetune,
-        "batch_size": batch_size,
-        "validation_fraction": validation_fraction,
-        "early_stopping_patience": early_stopping_patience,
         "random_state": random_state,
         "num_workers": model.config["training"].get("num_workers", 0),
         "compile": bool(compile),
         "config": model.config.get("method_config", {}),
+        "plan": model.config["plan"],
+        "inputs": model.inputs.to_dict(),
     }
-    adata.uns[key_added] = _h5ad_safe(
+    record(
+        adata,
+        key_added,
         {
             "params": params,
             "history": {k: model.history[k] for k in ("train_loss", "val_loss", "best_epoch", "seconds")},
-            "model_id": register_model(model),
-            "model_dir": "" if save_dir is None else str(Path(save_dir).resolve()),
-        }
+            **model_record(model, save_dir=save_dir),
+        },
     )
     info(
         "    finished",
         time=start,
         deep=(
-            f"added\n    'X_{key_added}_image', 'X_{key_added}_expression', joint embeddings (adata.obsm)\n"
-            f"    {key_added!r}, parameters, loss history and model id (adata.uns)"
+            f"added\n    {C.Key.embedding(key_added, 'image')!r}, {C.Key.embedding(key_added, 'expression')!r}, "
+            f"joint embeddings (adata.obsm)\n    {key_added!r}, parameters, loss history and model id (adata.uns)"
         ),
     )
     return model

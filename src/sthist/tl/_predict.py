@@ -8,76 +8,40 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .. import _constants as C
+from .._anndata import find_features, get_patches, patch_geometry, record, spatial_inputs
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_choice, check_positive_int
-from ..pp._embed import encode
-from ._fit import _h5ad_safe, cached_features, spatial_inputs
-from ._utils import image_inputs, resolve_model
+from ._utils import resolve_model
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from .._engine.base import BaseModel
 
-def _model_inputs(adata: AnnData, model: Any, *, patches_key: str, features_key: str | None) -> dict[str, np.ndarray]:
-    """What the model predicts from: encoder features when they match, else the patches."""
-    if getattr(model, "method", None) == "ridge":
-        key = features_key or model.features_key
-        if key in adata.obsm:
-            return {"features": image_inputs(adata, patches_key=patches_key, features_key=key)[1]}
-        enc = model.encoder_params.get("encoder")
-        if not enc:
-            raise KeyError(
-                f"adata.obsm[{key!r}] is missing and the ridge model does not record which encoder made its features; "
-                f"run `sthist.pp.embed_patches(adata, key_added={key!r})` with the encoder used for fitting."
-            )
-        patches, _ = image_inputs(adata, patches_key=patches_key, features_key=None)
-        feats, _ = encode(
+
+def model_inputs(adata: AnnData, model: BaseModel, *, patches_key: str, features_key: str | None) -> dict[str, Any]:
+    """What ``model`` predicts from: its encoder's cached features when present, else the patches.
+
+    The geometry of the patches (or of the patches the features were made from) must be the model's.
+    """
+    inputs = model.inputs
+    feats = None
+    if not (inputs.finetuned or inputs.tokens):
+        feats = find_features(
             adata,
-            patches,
-            encoder=enc,
-            pretrained=bool(model.encoder_params.get("pretrained")),
-            checkpoint=model.encoder_params.get("checkpoint") or None,
-            patches_key=patches_key,
-            progress=False,
+            encoder=inputs.encoder,
+            pretrained=inputs.pretrained,
+            checkpoint=inputs.checkpoint,
+            features_key=features_key,
         )
-        return {"features": feats}
-    if model.finetuned:
-        return {"images": image_inputs(adata, patches_key=patches_key, features_key=None, need_patches=True)[0]}
-    enc = model.config["encoder"]
-    if features_key is not None:
-        made_by = (adata.uns.get(features_key) or {}).get("params", {}).get("encoder") if isinstance(
-            adata.uns.get(features_key), dict
-        ) else None
-        if made_by is not None and made_by != enc["spec"]:
-            raise ValueError(
-                f"adata.obsm[{features_key!r}] was made with encoder {made_by!r}, but the model was trained on "
-                f"{enc['spec']!r} features; run `sthist.pp.embed_patches(adata, encoder={enc['spec']!r})` or pass "
-                "features_key=None to encode the patches with the model's encoder."
-            )
-    key = features_key or cached_features(
-        adata, encoder=enc["spec"], pretrained=bool(enc.get("pretrained")), checkpoint=enc.get("checkpoint")
-    )
-    if key is not None:
-        return {"features": image_inputs(adata, patches_key=patches_key, features_key=key)[1]}
-    return {"images": image_inputs(adata, patches_key=patches_key, features_key=None)[0]}
-
-
-def _retrieval_settings(model: Any, k: int | None, weighting: str | None) -> tuple[int, str]:
-    """The caller's k and weighting, else the method's paper values (k capped at a third of the bank)."""
-    config = getattr(model, "config", None)
-    paper = config.get("prediction_defaults", {}) if isinstance(config, dict) else {}
-    if weighting is None:
-        weighting = paper.get("weighting", "average")
-    check_choice("weighting", weighting, ["average", "distance", "softmax"])
-    if k is not None:
-        return check_positive_int("k", k), weighting
-    k = int(paper.get("k", 50))
-    bank = getattr(model, "bank_embeddings", None)
-    if bank is not None and k > max(1, bank.shape[0] // 3):
-        k = max(1, bank.shape[0] // 3)
-        info(f"    k reduced to {k}, a third of the {bank.shape[0]} reference spots")
-    return k, weighting
+    if feats is not None:
+        inputs.check_geometry(*patch_geometry(adata, feats.key), where=f"the patches behind adata.obsm[{feats.key!r}]")
+        return {"features": feats.values, "features_key": feats.key}
+    patches = get_patches(adata, patches_key=patches_key)
+    size, mpp = patch_geometry(adata, patches_key)
+    inputs.check_geometry(size or int(patches.shape[1]), mpp, where=f"the patches in adata.obsm[{patches_key!r}]")
+    return {"images": patches, "features_key": None}
 
 
 @inject_docs
@@ -150,7 +114,7 @@ def predict_expression(
 
     Returns
     -------
-    ``None``, or a copy of ``adata`` if ``copy=True``, with
+    ``None`` (``copy=False``: ``adata`` is modified), or a new AnnData (``copy=True``), with
 
     ``adata.layers['predicted' | key_added]``
         float32 (n_obs, n_vars), genes matched by name; NaN for genes the model does not cover.
@@ -159,10 +123,12 @@ def predict_expression(
     ``adata.obs['predicted_spread']``
         spread of the retrieved neighbours' expression (retrieval models): an uncertainty per spot.
     ``adata.uns['predicted']['params']``
-        the settings and the model's description.
+        the settings used (e.g. retrieval ``k`` after capping), the model's description and where it came from.
 
-    When ``adata`` has no genes at all (a new slide), a new AnnData is returned whose genes are the model's
-    and whose ``X`` and ``layers[key_added]`` both hold the predictions, ready for scanpy and squidpy.
+    When ``adata`` has no genes at all (a new slide), ``copy=True`` returns a new AnnData whose genes are the
+    model's and whose ``X`` and ``layers[key_added]`` both hold the predictions, ready for scanpy and squidpy;
+    ``copy=False`` writes them in place as a DataFrame ``adata.obsm['predicted' | key_added]`` (spots x the
+    model's genes), since the genes of an AnnData cannot be added in place.
 
     Examples
     --------
@@ -171,10 +137,15 @@ def predict_expression(
     >>> sthist.tl.predict_expression(new_slide, model)  # doctest: +SKIP
     """
     check_adata(adata, fn="sthist.tl.predict_expression")
+    model_arg = model
     model = resolve_model(adata, model)
-    k, weighting = _retrieval_settings(model, k, weighting)
+    if weighting is not None:
+        check_choice("weighting", weighting, ["average", "distance", "softmax"])
+    if k is not None:
+        k = check_positive_int("k", k)
     check_choice("index", index, ["exact", "faiss-ivf"])
     n_probe = check_positive_int("n_probe", n_probe)
+    batch_size = check_positive_int("batch_size", batch_size)
     model_genes = list(model.genes)
     if genes is not None:
         genes = [genes] if isinstance(genes, str) else list(genes)
@@ -185,70 +156,71 @@ def predict_expression(
                 f"the model predicts {len(model_genes)} genes, see `model.genes`."
             )
     new_slide = adata.n_vars == 0
-    if not new_slide:
-        overlap = adata.var_names.intersection(model_genes)
-        if len(overlap) == 0:
-            raise ValueError(
-                "none of the model's genes are in adata.var_names; predict on `adata[:, []]` (no genes) to get a new "
-                "AnnData with the model's genes, or check the gene naming (symbols vs Ensembl ids)."
-            )
-    inputs = _model_inputs(adata, model, patches_key=patches_key, features_key=features_key)
-    needs_space = bool(getattr(model, "needs_neighbors", False))
+    if not new_slide and len(adata.var_names.intersection(model_genes)) == 0:
+        raise ValueError(
+            "none of the model's genes are in adata.var_names; predict on `adata[:, []]` (no genes) to get the "
+            "model's genes, or check the gene naming (symbols vs Ensembl ids)."
+        )
+    inputs = model_inputs(adata, model, patches_key=patches_key, features_key=features_key)
+    used_key = inputs.pop("features_key")
     coords, groups = spatial_inputs(
-        adata, spatial_key=spatial_key, library_key=library_key, spatial_method=model.method if needs_space else None
+        adata,
+        spatial_key=spatial_key,
+        library_key=library_key,
+        needs_space=model.needs_neighbors,
+        method=model.method,
     )
 
+    settings = model.prediction_settings(k=k, weighting=weighting, index=index, n_probe=n_probe)
+    if settings.get("note"):
+        info(f"    {settings['note']}")
     start = info(f"predicting {len(model_genes)} genes for {adata.n_obs} spots with {model.method!r}")
-    spread = None
-    if getattr(model, "method", None) == "ridge":
-        pred = model.predict(inputs["features"])
-    else:
-        pred, spread = model.predict(
-            **inputs,
-            coords=coords,
-            groups=groups,
-            k=k,
-            weighting=weighting,
-            chunk_size=chunk_size,
-            index=index,
-            n_probe=n_probe,
-            batch_size=check_positive_int("batch_size", batch_size),
-            device=device,
-            progress=progress,
-        )
-    pred = np.asarray(pred, dtype=np.float32)
+    result = model.predict(
+        **inputs,
+        coords=coords,
+        groups=groups,
+        k=settings.get("k", k),
+        weighting=settings.get("weighting", weighting),
+        chunk_size=chunk_size,
+        index=index,
+        n_probe=n_probe,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    pred = np.asarray(result.expression, dtype=np.float32)
     if genes is not None:
         cols = [model_genes.index(g) for g in genes]
         pred, model_genes = pred[:, cols], genes
 
-    params = _h5ad_safe(
-        {
-            "method": model.method,
-            "prediction": getattr(model, "prediction", "regression"),
-            "k": k,
-            "weighting": weighting,
-            "index": index if getattr(model, "prediction", "regression") == "retrieval" else None,
-            "n_probe": n_probe if index == "faiss-ivf" else None,
-            "n_model_genes": len(model_genes),
-            "patches_key": patches_key,
-            "features_key": features_key,
-            "model_dir": str(Path(model).resolve()) if isinstance(model, str | Path) else None,
-        }
-    )
-    if new_slide:
-        import anndata as ad
-        import pandas as pd
+    params = {
+        **model.describe(),
+        "prediction": model.prediction,
+        **{key: val for key, val in settings.items() if key != "note"},
+        "n_model_genes": len(model_genes),
+        "patches_key": patches_key if used_key is None else None,
+        "features_key": used_key,
+        "model_dir": str(Path(model_arg).resolve()) if isinstance(model_arg, str | Path) else None,
+    }
+    import pandas as pd
 
-        out = ad.AnnData(
+    if new_slide and copy:
+        import anndata as ad
+
+        target = ad.AnnData(
             X=pred.copy(),
             obs=adata.obs.copy(),
             var=pd.DataFrame(index=pd.Index(model_genes, name=None)),
-            obsm={key: val.copy() for key, val in adata.obsm.items()},
+            obsm={key: val.copy() if hasattr(val, "copy") else val for key, val in adata.obsm.items()},
             uns=dict(adata.uns),
         )
-        out.layers[key_added] = pred
-        out.var[f"{key_added}{C.MODELLED_SUFFIX}"] = True
-        target = out
+        target.layers[key_added] = pred
+        target.var[C.Key.modelled(key_added)] = True
+        written = f"{key_added!r}, predictions (X and adata.layers)"
+    elif new_slide:
+        target = adata
+        target.obsm[key_added] = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(model_genes))
+        written = f"{key_added!r}, predictions as a spots x genes DataFrame (adata.obsm)"
     else:
         target = adata.copy() if copy else adata
         layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
@@ -261,15 +233,10 @@ def predict_expression(
         target.layers[key_added] = layer
         modelled = np.zeros(adata.n_vars, dtype=bool)
         modelled[var_idx] = True
-        target.var[f"{key_added}{C.MODELLED_SUFFIX}"] = modelled
-    if spread is not None and np.isfinite(spread).any():
-        target.obs[f"{key_added}{C.SPREAD_SUFFIX}"] = np.asarray(spread, dtype=np.float32)
-    target.uns[key_added] = {"params": params}
-    info(
-        "    finished",
-        time=start,
-        deep=f"added\n    {key_added!r}, predictions (adata.layers)\n    '{key_added}_modelled' (adata.var)",
-    )
-    if new_slide:
-        return target
+        target.var[C.Key.modelled(key_added)] = modelled
+        written = f"{key_added!r}, predictions (adata.layers)\n    {C.Key.modelled(key_added)!r} (adata.var)"
+    if result.spread is not None and np.isfinite(result.spread).any():
+        target.obs[C.Key.spread(key_added)] = np.asarray(result.spread, dtype=np.float32)
+    record(target, key_added, {"params": params})
+    info("    finished", time=start, deep=f"added\n    {written}")
     return target if copy else None

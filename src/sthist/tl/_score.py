@@ -12,6 +12,7 @@ from scipy import sparse
 
 from .. import _constants as C
 from .. import _logging as logg
+from .._constants import Key
 from .._docs import inject_docs
 from .._validate import check_adata, check_positive_int, resolve_genes
 
@@ -242,17 +243,20 @@ def score_prediction(
     -------
     With ``inplace=False``, a :class:`~pandas.DataFrame` with one row ``'all'`` and one per group and columns
     ``pcc_all``, ``pcc_heg``, ``pcc_hvg`` (``pcc_markers``), ``mse``, ``mae``, ``gene_corr``, ``n_obs``,
-    ``n_genes`` (genes with a finite r), ``n_constant``. Otherwise ``None``, and writes
+    ``n_genes`` (genes with a finite r), ``n_constant``. Otherwise ``None``, and writes (names built by
+    ``sthist._constants.Key``; with the default ``layer``, ``key_added`` is ``'predicted_scores'``)
 
-    - ``adata.var[f'{key_added}_pearson']``: per-gene r over all evaluated spots (NaN where not evaluated);
-    - ``adata.uns[key_added]``: ``'summary'`` (the ``'all'`` row as a dict), ``'per_group'`` (dict of dicts,
-      empty without ``groupby``), ``'gene_corr_true'`` and ``'gene_corr_pred'`` (the two gene-gene correlation
-      matrices), ``'gene_corr_genes'`` (their genes, in matrix order) and ``'params'``.
+    ``adata.var[key_added + '_pearson']``
+        per-gene r over all evaluated spots (NaN where not evaluated).
+    ``adata.uns[key_added]``
+        ``'summary'`` (the ``'all'`` row as a dict), ``'per_group'`` (dict of dicts, empty without ``groupby``),
+        ``'gene_corr_true'`` and ``'gene_corr_pred'`` (the two gene-gene correlation matrices),
+        ``'gene_corr_genes'`` (their genes, in matrix order) and ``'params'``.
     """
     fn = "sthist.tl.score_prediction"
     check_adata(adata, fn=fn)
     n_top = check_positive_int("n_top", n_top)
-    key_added = f"{layer}_scores" if key_added is None else str(key_added)
+    key_added = Key.scores(layer) if key_added is None else str(key_added)
     pred = _get_matrix(adata, layer, fn=fn, what="predicted")
     true = _get_matrix(adata, true_layer, fn=fn, what="true")
     if tuple(pred.shape) != tuple(adata.shape) or tuple(true.shape) != tuple(adata.shape):
@@ -353,13 +357,13 @@ def score_prediction(
 
     pearson = np.full(adata.n_vars, np.nan)
     pearson[cols] = overall["r"]
-    adata.var[f"{key_added}_pearson"] = pearson
+    adata.var[Key.pearson(key_added)] = pearson
     adata.uns[key_added] = {
         "summary": _plain(summary),
         "per_group": {k: _plain(v) for k, v in per_group.items()},
-        "gene_corr_true": overall["corr_true"],
-        "gene_corr_pred": overall["corr_pred"],
-        "gene_corr_genes": [str(g) for g in adata.var_names[cols[gc]]],
+        Key.gene_corr("true"): overall["corr_true"],
+        Key.gene_corr("pred"): overall["corr_pred"],
+        Key.gene_corr("genes"): [str(g) for g in adata.var_names[cols[gc]]],
         "params": {
             "layer": layer,
             "true_layer": "X" if true_layer is None else true_layer,

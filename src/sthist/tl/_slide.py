@@ -14,56 +14,39 @@ from .._validate import check_positive_int
 from ..pp._image import ImageSource, open_image
 from ..pp._patches import extract_patches
 from ..pp._tiles import DEFAULT_SPOT_DIAMETER, tile_tissue
-from ._fit import _h5ad_safe
-from ._predict import _retrieval_settings, predict_expression
+from .._anndata import record, to_uns
+from ._predict import predict_expression
 from ._utils import resolve_model
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+    from .._engine.base import BaseModel
 
 _FN = "sthist.tl.predict_slide"
 #: Pseudo-spots whose patches are held in memory at once (2,048 x 224 x 224 x 3 bytes = 308 MB).
 DEFAULT_CHUNK = 2048
 
 
-def _model_geometry(model: Any) -> tuple[int | None, float | None]:
-    """Patch size and µm per pixel the model was trained on (``None`` where it does not record them)."""
-    if hasattr(model, "config") and isinstance(model.config, dict):
-        rec = model.config.get("patches") or {}
-    else:
-        rec = getattr(model, "encoder_params", None) or {}
-    size, mpp = rec.get("patch_size"), rec.get("mpp")
-    size = int(size) if isinstance(size, int | float | np.integer | np.floating) and size > 0 else None
-    mpp = float(mpp) if isinstance(mpp, int | float | np.integer | np.floating) and mpp > 0 else None
-    return size, mpp
-
-
-def _frozen_encoder(model: Any) -> tuple[Any, str, dict]:
+def _frozen_encoder(model: BaseModel) -> tuple[Any, str, dict]:
     """The encoder that makes the model's input features, the obsm key and the params of those features."""
-    if getattr(model, "method", None) == "ridge":
-        enc = model.encoder_params
-        if not enc.get("encoder"):
-            raise ValueError(
-                "the ridge model does not record which encoder made its features, so the slide's patches cannot be "
-                "encoded: refit it on features from `sthist.pp.embed_patches`, or extract patches and embed them "
-                "yourself, then call `sthist.tl.predict_expression`."
-            )
-        from .._engine.encoders import build_image_encoder
-
-        encoder = build_image_encoder(
-            enc["encoder"], pretrained=bool(enc.get("pretrained")), checkpoint=enc.get("checkpoint") or None
-        )
-        return encoder, model.features_key, {k: enc[k] for k in ("encoder", "pretrained", "checkpoint") if k in enc}
     from ..pp._embed import default_key
 
-    spec = model.config["encoder"]
-    encoder = model._encoder()  # checks that a checkpoint file is still the one the model was trained with
+    inp = model.inputs
+    if not inp.encoder:
+        raise ValueError(
+            f"the {model.method!r} model does not record which encoder made its features, so the slide's patches "
+            "cannot be encoded: refit it on features from `sthist.pp.embed_patches`, or extract patches and embed "
+            "them yourself, then call `sthist.tl.predict_expression`."
+        )
+    encoder = model.image_encoder()  # checks that the weights are still those the model was fitted with
     params = {
-        "encoder": spec["spec"],
-        "pretrained": bool(spec.get("pretrained")),
-        "checkpoint": spec.get("checkpoint") or "",
+        "encoder": inp.encoder,
+        "pretrained": inp.pretrained,
+        "checkpoint": inp.checkpoint or "",
+        "weights_sha256": inp.weights_sha256 or "",
     }
-    return encoder, default_key(spec["spec"]), params
+    return encoder, default_key(inp.encoder), params
 
 
 def _chunk_adata(tiles: AnnData, idx: np.ndarray, lib: str) -> AnnData:
@@ -110,7 +93,7 @@ def _predict_from_store(tiles, model, source, store, S, patch_mpp, library_id, p
         extract_patches(
             tiles, patch_size=S, mpp=patch_mpp, image=source, library_id=library_id, store=path, progress=progress
         )
-        out = predict_expression(tiles, model, progress=progress, **predict_kw)
+        out = predict_expression(tiles, model, progress=progress, copy=True, **predict_kw)
         if tmp is not None:  # the temporary store goes: drop what points to it
             out.obsm.pop(C.PATCHES_KEY, None)
             out.uns.pop(C.PATCHES_KEY, None)
@@ -224,12 +207,12 @@ def predict_slide(
     batch_size = check_positive_int("batch_size", batch_size)
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
-    finetuned = bool(getattr(model, "finetuned", False))
+    finetuned = model.inputs.finetuned
     if store is not None:
         from ..pp._store import check_store
 
         check_store(store, overwrite=False)  # before any work: an existing store raises with the fix
-    rec_size, rec_mpp = _model_geometry(model)
+    rec_size, rec_mpp = model.inputs.patch_size, model.inputs.mpp
     S = check_positive_int("patch_size", patch_size) if patch_size is not None else (rec_size or 224)
     if patch_mpp is None:
         patch_mpp = rec_mpp
@@ -237,7 +220,6 @@ def predict_slide(
         raise ValueError(f"patch_mpp must be a positive number of microns per pixel or None, got {patch_mpp!r}.")
     if spot_diameter is None:
         spot_diameter = S * patch_mpp if patch_mpp is not None else DEFAULT_SPOT_DIAMETER
-    k, weighting = _retrieval_settings(model, k, weighting)
     if genes is not None:
         genes = [genes] if isinstance(genes, str) else list(genes)
         missing = [g for g in genes if g not in set(model.genes)]
@@ -291,11 +273,9 @@ def predict_slide(
             )
     if not (finetuned or store is not None):
         tiles.obsm[features_key] = feats
-        tiles.uns[features_key] = _h5ad_safe(
-            {"params": {**feat_params, "patches_key": C.PATCHES_KEY, "patch_size": S, "mpp": patch_mpp}}
-        )
-        out = predict_expression(tiles, model, features_key=features_key, progress=progress, **predict_kw)
+        record(tiles, features_key, {"params": {**feat_params, "patches_key": C.PATCHES_KEY, "patch_size": S, "mpp": patch_mpp}})
+        out = predict_expression(tiles, model, features_key=features_key, progress=progress, copy=True, **predict_kw)
     model_dir = str(Path(model_arg).resolve()) if isinstance(model_arg, str | Path) else None
-    out.uns[key_added]["params"].update(_h5ad_safe({**geometry, "model_dir": model_dir}))
+    out.uns[key_added]["params"].update(to_uns({**geometry, "model_dir": model_dir}))
     info("    finished", time=start, deep=f"{n} pseudo-spots x {out.n_vars} genes")
     return out

@@ -26,7 +26,12 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
             raise ValueError(
                 f"{cls.__qualname__}.prediction must be 'retrieval' or 'regression', got {cls.prediction!r}."
             )
+        bad = sorted(set(cls.consumes) - {"features", "tokens"})
+        if bad or not cls.consumes:
+            raise ValueError(f"{cls.__qualname__}.consumes must name 'features' and/or 'tokens', got {cls.consumes!r}.")
         cls.name = name
+        if not cls.__dict__.get("description"):
+            cls.description = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else name
         METHODS[name] = cls
         return cls
 

@@ -25,9 +25,19 @@ Class attributes that steer the shared machinery:
     graphs built inside a batch).
 ``similarity``
     ``"cosine"`` or ``"dot"``: how query image embeddings are compared with the bank of expression embeddings.
-``training_defaults``, ``prediction_defaults``
-    The paper's training settings (``max_epochs``, ``batch_size``, ``lr``, ``weight_decay``) and retrieval settings
-    (``k``, ``weighting``) where they differ from the engine's (BLEEP's); used when the caller leaves them unset.
+``recipe``
+    The method's published training recipe, a :class:`~sthist._engine.plan.TrainPlan` (optimiser, schedule, batch,
+    epochs, stages, model selection); the engine runs it, with the caller's overrides.
+``prediction_defaults``
+    The paper's retrieval settings (``k``, ``weighting``); used when the caller leaves them unset.
+``consumes``
+    The image inputs the method reads: ``("features",)`` (default) and/or ``"tokens"`` (encoder token grids, see
+    :meth:`~sthist._engine.encoders.ImageEncoder.tokens`; the side of the grid is ``config.token_grid``).
+``description``
+    One line for the public registry (``sthist.tl.methods()``); by default the first line of the class docstring.
+
+The training hook :meth:`Method.loss` returns a dict of named, weighted loss terms; the engine sums the terms
+of the current stage (all of them in a single-stage plan).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+
+from ..plan import TrainPlan
 
 
 @dataclass
@@ -66,6 +78,9 @@ class Batch:
         (B, K) True where a neighbour exists.
     neighbor_coords
         (B, K, 2) coordinates of the neighbours.
+    img_tokens
+        (B, T, D) encoder tokens of the spots' patches (a ``grid x grid`` raster, standardised in frozen mode), for
+        methods that consume ``"tokens"``; ``None`` otherwise.
     """
 
     img_feats: torch.Tensor
@@ -78,6 +93,7 @@ class Batch:
     neighbor_expression: torch.Tensor | None = None
     neighbor_mask: torch.Tensor | None = None
     neighbor_coords: torch.Tensor | None = None
+    img_tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.img_feats.shape[0])
@@ -92,8 +108,14 @@ class Method(nn.Module):
     needs_coords: ClassVar[bool] = False
     batch_by_group: ClassVar[bool] = False
     similarity: ClassVar[Literal["cosine", "dot"]] = "cosine"
-    training_defaults: ClassVar[dict[str, Any]] = {}
-    """The paper's ``max_epochs`` / ``batch_size`` / ``lr`` / ``weight_decay``, used when the caller gives none."""
+    recipe: ClassVar[TrainPlan] = TrainPlan()
+    """The published training recipe (default: the engine's, BLEEP's: AdamW 1e-3, batch 256, <= 100 epochs)."""
+    consumes: ClassVar[tuple[str, ...]] = ("features",)
+    """Image inputs the method reads: ``"features"`` (one pooled vector per patch, ``Batch.img_feats``) and/or
+    ``"tokens"`` (a grid of ``config.token_grid`` x ``config.token_grid`` encoder tokens, ``Batch.img_tokens``).
+    A method that consumes tokens is built as ``cls(image_dim, n_genes, config, token_dim=D)``."""
+    description: ClassVar[str] = ""
+    """One line for the registry (default: the first line of the class docstring)."""
     prediction_defaults: ClassVar[dict[str, Any]] = {}
     """The paper's retrieval ``k`` and ``weighting``, used by ``predict_expression`` when the caller gives none."""
 
@@ -101,8 +123,9 @@ class Method(nn.Module):
     class Config:
         """Hyper-parameters of the method (subclasses document the paper's values)."""
 
-    def __init__(self, image_dim: int, n_genes: int, config: Any | None = None):
+    def __init__(self, image_dim: int, n_genes: int, config: Any | None = None, *, token_dim: int = 0):
         super().__init__()
+        self.token_dim = int(token_dim)  # width of the encoder tokens, for methods that consume them
         if config is None:
             config = self.Config()
         if not isinstance(config, self.Config):
@@ -127,13 +150,18 @@ class Method(nn.Module):
         return cls.Config(**kwargs)
 
     @property
+    def token_grid(self) -> int:
+        """Side of the token grid batches must carry (``config.token_grid`` for methods that consume tokens)."""
+        return int(getattr(self.config, "token_grid", 0)) if "tokens" in self.consumes else 0
+
+    @property
     def n_neighbors(self) -> int:
         """Number of spatial neighbours a batch must carry (``config.n_neighbors`` for methods that need them)."""
         return int(getattr(self.config, "n_neighbors", 0)) if self.needs_neighbors else 0
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training loss of a batch and a dict of named, detached components for logging."""
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Named, weighted scalar loss terms of a batch; the engine sums those of the current training stage."""
         raise NotImplementedError
 
     def embed_image(self, img_feats: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -105,8 +105,7 @@ class BLEEP(Method):
     def embed_expression(self, expr: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         return self.spot_projection(expr)
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         img = self.embed_image(batch.img_feats, batch).float()
         spot = self.embed_expression(batch.expression, batch).float()
-        loss = soft_clip_loss(img, spot, self.config.temperature)
-        return loss, {"clip": loss.detach()}
+        return {"clip": soft_clip_loss(img, spot, self.config.temperature)}

@@ -49,8 +49,8 @@ Defaults (sources in the authors' repository github.com/ngfufdrdh/CMRCNet)
     tokens (2048 / 256), 4 heads in the first cross-attention, 8 heads and 2 passes in the fusion block
     (``models.py``). ``n_image_tokens`` is 8, not the paper's 50 ViT tokens: with one pooled vector per spot the
     extra tokens are only further linear views of the same vector, and 8 keeps CPU training of the sthist her2st
-    benchmark (about 550 spots x 785 genes) within a few minutes. Training (``training_defaults``, used by
-    ``sthist.tl.fit_contrastive`` when the caller sets none): AdamW lr 1e-4, weight decay 1e-3, batch size 64, at
+    benchmark (about 550 spots x 785 genes) within a few minutes. Training (``recipe``, the training plan
+    the engine runs unless the caller overrides it): AdamW lr 1e-4, weight decay 1e-3, batch size 64, at
     most 60 epochs, the best validation epoch kept (``config.py``, ``train.py``); the paper decays the lr to 1e-5
     with a cosine schedule, the shared loop keeps it constant and stops early after 10 epochs without a lower
     validation loss. The paper trains a ViT-B/32 from scratch on 224 x 224 patches with flips and 90 degree
@@ -72,6 +72,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import register
+from ..plan import Optim, TrainPlan
 from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
 
@@ -157,9 +158,11 @@ class CMRCNet(Method):
     prediction = "retrieval"
     needs_neighbors = False
     similarity = "cosine"
-    training_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "batch_size": 64, "max_epochs": 60, "weight_decay": 1e-3}
+    recipe: ClassVar[TrainPlan] = TrainPlan(
+        optimizer=Optim("adamw", lr=1e-4, weight_decay=1e-3), batch_size=64, max_epochs=60
+    )
     """The authors' training settings (``config.py``: AdamW lr 1e-4, weight decay 1e-3, batch 64, 60 epochs); their
-    cosine decay of the lr to 1e-5 is not reproduced (the shared loop keeps the lr constant)."""
+    cosine decay of the lr to 1e-5 is not part of this recipe yet (the plan's schedule can express it)."""
     prediction_defaults: ClassVar[dict[str, Any]] = {"k": 50, "weighting": "average"}
     """The authors' ``inference.py``: plain average of the top 50 reference spots."""
 
@@ -267,11 +270,10 @@ class CMRCNet(Method):
             latent = self.fusion(latent, genes)
         return latent.mean(dim=1)
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         img = self.embed_image(batch.img_feats, batch)
         spot = self.embed_expression(batch.expression, batch)
         contrastive = torch.log1p(soft_clip_loss_per_spot(img.float(), spot.float(), self.config.temperature)).mean()
         recon = self.reconstruct(batch.img_feats, batch.expression)
         reconstruction = torch.log1p(F.mse_loss(recon.float(), img.float()))
-        loss = contrastive + reconstruction
-        return loss, {"contrastive": contrastive.detach(), "reconstruction": reconstruction.detach()}
+        return {"contrastive": contrastive, "reconstruction": reconstruction}

@@ -62,6 +62,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import register
+from ..plan import Optim, TrainPlan
 from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
 RECOMMENDED_K = 200
@@ -215,8 +216,10 @@ class MclSTExp(Method):
     needs_coords = True
     batch_by_group = True
     similarity = "cosine"
-    training_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "batch_size": 128, "max_epochs": 90}
-    """The authors' training settings (``train.py``), used by ``fit_contrastive`` when the caller gives none."""
+    recipe: ClassVar[TrainPlan] = TrainPlan(
+        optimizer=Optim("adamw", lr=1e-4, weight_decay=1e-3), batch_size=128, max_epochs=90
+    )
+    """The authors' training settings (``train.py``: lr 1e-4, batch 128, 90 epochs)."""
     prediction_defaults: ClassVar[dict[str, Any]] = {"k": RECOMMENDED_K, "weighting": RECOMMENDED_WEIGHTING}
     """The authors' evaluation: top 200 reference spots, weights 1/d^2 (capped at a third of small banks)."""
 
@@ -297,8 +300,7 @@ class MclSTExp(Method):
         h = self.spot_encoder(h.unsqueeze(0)).squeeze(0)  # the set of spots is one sequence
         return self.spot_projection(h)
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         img = self.embed_image(batch.img_feats, batch).float()
         spot = self.embed_expression(batch.expression, batch).float()
-        loss = clip_loss(img, spot, self.config.temperature)
-        return loss, {"clip": loss.detach()}
+        return {"clip": clip_loss(img, spot, self.config.temperature)}

@@ -377,7 +377,7 @@ class NH2ST(Method):
         """Expression (B, g) regressed from the image features of the spots and of their neighbours."""
         return self.decoder(self.embed_image(img_feats, batch))
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.config
         if batch.expression is None or batch.neighbor_expression is None:
             raise ValueError("NH2ST trains on the expression of the spots and of their neighbours; none was given.")
@@ -402,8 +402,7 @@ class NH2ST(Method):
         zn_g = self.cross_attention(n_g, zn_p)
         loss_neighbor = weighted_info_nce(zn_p.float(), zn_g.float(), cfg.temperature_neighbor, cfg.negative_weight)
 
-        loss = mse + cfg.weight_query * loss_query + cfg.weight_neighbor * loss_neighbor
-        return loss, {"mse": mse.detach(), "query": loss_query.detach(), "neighbor": loss_neighbor.detach()}
+        return {"mse": mse, "query": cfg.weight_query * loss_query, "neighbor": cfg.weight_neighbor * loss_neighbor}
 
 
 def _encode(encoder: nn.Module, lin: nn.Module):

@@ -1,0 +1,283 @@
+"""The one place where sthist's tools read from and record into an AnnData.
+
+* :func:`get_matrix`: ``X`` or a layer, for a gene selection, as a checked dense float32 matrix;
+* :func:`resolve_libraries`: which section each spot belongs to (``library_key``, or the one ``obs`` column that
+  names sections), never guessed silently;
+* :func:`find_features` / :func:`image_features`: encoder embeddings of the spots for an encoder spec, cached in
+  ``obsm`` or computed from the patches;
+* :func:`patch_geometry`: the patch size and µm/px recorded by :func:`sthist.pp.extract_patches`;
+* :func:`record` and :func:`to_uns`: the single serialiser for everything written into ``adata.uns``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _constants as C
+from ._validate import resolve_genes
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+#: ``obs`` columns that name sections when ``library_key`` is not given.
+LIBRARY_COLUMNS = (C.SECTION_KEY, "library_id")
+
+
+# ---- uns ---------------------------------------------------------------------------------------------------------
+def to_uns(obj: Any) -> Any:
+    """Make a nested structure writable to h5ad and JSON-clean: plain containers, str keys, no ``None``.
+
+    Lists of numbers become numpy arrays (h5ad stores them as datasets), empty lists empty arrays, ``None`` and
+    non-finite floats the empty string, numpy scalars Python scalars; other objects their ``str``.
+    """
+    from ._engine._utils import jsonable
+
+    def fix(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: fix(v) for k, v in o.items()}
+        if isinstance(o, list):
+            vals = [fix(v) for v in o]
+            if not vals:
+                return np.zeros(0)
+            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals) or all(
+                isinstance(v, bool) for v in vals
+            ):
+                return np.asarray(vals)
+            return vals
+        return "" if o is None else o
+
+    return fix(jsonable(obj))
+
+
+def record(adata: AnnData, key_added: str, entry: dict[str, Any]) -> None:
+    """Write ``entry`` (``params`` and whatever a tool records) to ``adata.uns[key_added]`` through :func:`to_uns`."""
+    adata.uns[key_added] = to_uns(entry)
+
+
+def uns_params(adata: AnnData, key: str | None) -> dict[str, Any]:
+    """``adata.uns[key]['params']`` as a dict (empty when absent)."""
+    entry = adata.uns.get(key) if key is not None else None
+    params = entry.get("params", {}) if isinstance(entry, dict) else {}
+    return dict(params) if isinstance(params, dict) else {}
+
+
+# ---- matrices ----------------------------------------------------------------------------------------------------
+def get_matrix(
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    genes: Any = None,
+    nonnegative: bool = True,
+    what: str = "expression",
+) -> tuple[np.ndarray, list[str]]:
+    """Dense float32 ``X`` or ``layers[layer]`` of the selected genes, checked for NaN / inf (and negatives).
+
+    Returns the matrix and the names of its genes.
+    """
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(
+            f"layer={layer!r} is not in adata.layers (available: {list(adata.layers)}). "
+            "Run `sthist.pp.normalize_expression(adata)` to write `layers['targets']`, or pass layer=None for X."
+        )
+    if adata.n_vars == 0:
+        raise ValueError(f"adata has no genes, so it holds no {what}. Predict on such a slide with a fitted model.")
+    mask = resolve_genes(adata, genes)
+    mat = adata.layers[layer] if layer is not None else adata.X
+    if mat is None:
+        raise ValueError(f"adata.X is empty; pass layer= naming the layer that holds the {what}.")
+    mat = mat[:, mask]
+    mat = mat.toarray() if hasattr(mat, "toarray") else np.asarray(mat)
+    mat = np.asarray(mat, dtype=np.float32)
+    where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    if not np.isfinite(mat).all():
+        bad = np.flatnonzero(~np.isfinite(mat).all(1))
+        raise ValueError(
+            f"{where} holds NaN or infinite values for {bad.size} spot(s), e.g. {adata.obs_names[bad[:5]].tolist()}; "
+            "remove those spots/genes or fill them first."
+        )
+    if nonnegative and (mat < 0).any():
+        raise ValueError(
+            f"{where} holds negative values; contrastive targets must be non-negative expression "
+            "(counts, or `sthist.pp.normalize_expression(adata)` which writes layers['targets'])."
+        )
+    return mat, adata.var_names[mask].tolist()
+
+
+# ---- libraries and coordinates -----------------------------------------------------------------------------------
+def resolve_libraries(adata: AnnData, *, library_key: str | None = None, purpose: str = "") -> np.ndarray | None:
+    """The section label of every spot, or ``None`` when the spots come from one section.
+
+    ``library_key`` names the ``obs`` column; without it, an ``obs`` column of :data:`LIBRARY_COLUMNS` with more
+    than one value means several sections and raises with the choices (``purpose`` says why it matters).
+    """
+    if library_key is not None:
+        if library_key not in adata.obs:
+            raise KeyError(f"library_key={library_key!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
+        return adata.obs[library_key].astype(str).to_numpy()
+    several = [c for c in LIBRARY_COLUMNS if c in adata.obs and adata.obs[c].nunique() > 1]
+    if several:
+        why = f" {purpose}" if purpose else ""
+        raise ValueError(
+            f"adata holds several sections (adata.obs[{several[0]!r}] has {adata.obs[several[0]].nunique()} values):"
+            f" pass library_key= naming the obs column of each spot's section, e.g. library_key={several[0]!r}.{why}"
+        )
+    return None
+
+
+def spot_coords(adata: AnnData, *, spatial_key: str = C.SPATIAL_KEY, required_by: str | None = None):
+    """``obsm[spatial_key]`` as float64 (n, 2), or ``None`` when absent (``required_by`` makes absence an error)."""
+    if spatial_key in adata.obsm:
+        return np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    if required_by is not None:
+        raise KeyError(
+            f"{required_by} uses the spots' positions, but adata.obsm[{spatial_key!r}] is missing: add the spot "
+            "centres in full-resolution pixels (see `sthist.io`)."
+        )
+    return None
+
+
+def spatial_inputs(
+    adata: AnnData, *, spatial_key: str, library_key: str | None, needs_space: bool, method: str
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Coordinates and section labels for a method; a method that uses spatial neighbours requires both."""
+    required = f"method {method!r}" if needs_space else None
+    coords = spot_coords(adata, spatial_key=spatial_key, required_by=required)
+    if library_key is None and not needs_space:
+        return coords, None
+    purpose = f"Method {method!r} uses spatial neighbours, which must not join spots of different sections."
+    return coords, resolve_libraries(adata, library_key=library_key, purpose=purpose)
+
+
+# ---- patches and features ----------------------------------------------------------------------------------------
+def patch_geometry(adata: AnnData, key: str) -> tuple[int | None, float | None]:
+    """``(patch_size, mpp)`` recorded in ``adata.uns[key]['params']`` (patches or features), ``None`` where unknown."""
+    params = uns_params(adata, key)
+    size, mpp = params.get("patch_size"), params.get("mpp")
+    size = int(size) if isinstance(size, int | float | np.integer | np.floating) and size > 0 else None
+    mpp = float(mpp) if isinstance(mpp, int | float | np.integer | np.floating) and mpp > 0 else None
+    return size, mpp
+
+
+def get_patches(adata: AnnData, *, patches_key: str) -> Any:
+    """``obsm[patches_key]`` as stored (numpy, or a lazy dask / zarr array that is never loaded whole), checked."""
+    if patches_key not in adata.obsm:
+        raise KeyError(
+            f"adata.obsm[{patches_key!r}] is missing: run `sthist.pp.extract_patches(adata, key_added={patches_key!r})` "
+            "first (or pass features_key= naming embeddings from `sthist.pp.embed_patches`)."
+        )
+    patches = adata.obsm[patches_key]
+    if not (hasattr(patches, "shape") and hasattr(patches, "dtype") and hasattr(patches, "__getitem__")):
+        patches = np.asarray(patches)
+    if len(patches.shape) != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8:
+        raise ValueError(
+            f"adata.obsm[{patches_key!r}] must be uint8 patches of shape (n_obs, S, S, 3) as written by "
+            f"`sthist.pp.extract_patches`; got {patches.dtype} {patches.shape}."
+        )
+    return patches
+
+
+def _load_features(adata: AnnData, key: str) -> np.ndarray:
+    feats = np.asarray(adata.obsm[key], dtype=np.float32)
+    if feats.ndim != 2:
+        raise ValueError(f"adata.obsm[{key!r}] must be 2-d (n_obs, n_features), got shape {feats.shape}.")
+    if not np.isfinite(feats).all():
+        bad = np.flatnonzero(~np.isfinite(feats).all(1))
+        raise ValueError(
+            f"adata.obsm[{key!r}] holds NaN or infinite values for {bad.size} spot(s), e.g. "
+            f"{adata.obs_names[bad[:5]].tolist()}; drop them or recompute the embeddings (`sthist.pp.embed_patches`)."
+        )
+    return feats
+
+
+@dataclass
+class Features:
+    """Image features of the spots: the values, the ``obsm`` key they are (or will be) stored under, the encoder
+    params of ``sthist.pp.embed_patches``, and whether they were computed now (and are not yet in ``adata``)."""
+
+    values: np.ndarray
+    key: str
+    params: dict[str, Any]
+    computed: bool = False
+
+    def store(self, adata: AnnData) -> None:
+        """Cache features computed now in ``adata.obsm[key]`` / ``adata.uns[key]`` (as :func:`embed_patches`)."""
+        if self.computed:
+            adata.obsm[self.key] = self.values
+            record(adata, self.key, {"params": self.params})
+
+
+def find_features(
+    adata: AnnData,
+    *,
+    encoder: str,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    features_key: str | None = None,
+) -> Features | None:
+    """Embeddings of the spots made by this encoder: ``obsm[features_key]`` (checked against the encoder when its
+    params say which made them), else the cache of :func:`sthist.pp.embed_patches` for the encoder, else ``None``."""
+    from .pp._embed import default_key
+
+    if features_key is not None:
+        if features_key not in adata.obsm:
+            raise KeyError(
+                f"adata.obsm[{features_key!r}] is missing; run "
+                f"`sthist.pp.embed_patches(adata, key_added={features_key!r})` first, or pass features_key=None to "
+                "compute features from the patches."
+            )
+        params = uns_params(adata, features_key)
+        made_by = params.get("encoder")
+        if encoder and made_by and made_by != encoder:
+            raise ValueError(
+                f"adata.obsm[{features_key!r}] was made with encoder {made_by!r}, but {encoder!r} is wanted here; run "
+                f"`sthist.pp.embed_patches(adata, encoder={encoder!r})` or pass features_key=None to encode the "
+                "patches with it."
+            )
+        return Features(_load_features(adata, features_key), features_key, params)
+    if not encoder:
+        return None
+    key = default_key(encoder)
+    params = uns_params(adata, key)
+    same = (
+        key in adata.obsm
+        and params.get("encoder") == encoder
+        and bool(params.get("pretrained")) == bool(pretrained)
+        and (params.get("checkpoint") or "") == (str(checkpoint) if checkpoint else "")
+    )
+    return Features(_load_features(adata, key), key, params) if same else None
+
+
+def image_features(
+    adata: AnnData,
+    *,
+    encoder: str,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    patches_key: str = C.PATCHES_KEY,
+    features_key: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> Features:
+    """:func:`find_features`, else the patches encoded now (``computed=True``; :meth:`Features.store` caches them)."""
+    from .pp._embed import default_key, encode
+
+    found = find_features(
+        adata, encoder=encoder, pretrained=pretrained, checkpoint=checkpoint, features_key=features_key
+    )
+    if found is not None:
+        return found
+    patches = get_patches(adata, patches_key=patches_key)
+    values, params = encode(
+        adata,
+        patches,
+        encoder=encoder,
+        pretrained=pretrained,
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        patches_key=patches_key,
+        device=device,
+        progress=progress,
+    )
+    return Features(values, default_key(encoder), params, computed=True)

@@ -1,0 +1,122 @@
+"""The public registry of predictors: every contrastive method and every baseline, fitted through one entry."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._ridge import fit_ridge
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from anndata import AnnData
+
+    from .._engine.base import BaseModel
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A registered predictor: its name, kind, one-line description and the ``sthist.tl`` function that fits it."""
+
+    name: str
+    kind: str
+    description: str
+    fit: Callable[..., BaseModel]
+
+    def accepts(self, option: str) -> bool:
+        """Whether the fit function takes the keyword ``option``."""
+        target = self.fit.func if isinstance(self.fit, functools.partial) else self.fit
+        params = inspect.signature(target).parameters
+        return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+#: Baselines: predictors without contrastive training (name -> (description, fit function)).
+BASELINES: dict[str, tuple[str, Callable[..., Any]]] = {
+    "ridge": ("HEST-Benchmark linear probe: standardise, PCA(256), ridge on frozen encoder features", fit_ridge),
+}
+
+
+def predictors() -> dict[str, Predictor]:
+    """Every registered predictor by name: the engine's contrastive methods, then the baselines."""
+    from .. import tl
+    from .._engine.methods import METHODS
+
+    # the public function, looked up now, is what fits every contrastive method
+    out = {
+        name: Predictor(name, "contrastive", cls.description, functools.partial(tl.fit_contrastive, method=name))
+        for name, cls in METHODS.items()
+    }
+    out.update({name: Predictor(name, "baseline", desc, fn) for name, (desc, fn) in BASELINES.items()})
+    return out
+
+
+def get_predictor(name: str) -> Predictor:
+    """The predictor registered as ``name``; unknown names raise with the registered ones."""
+    known = predictors()
+    if not isinstance(name, str) or name not in known:
+        raise ValueError(f"method={name!r} is not registered; choose one of {sorted(known)} (see `sthist.tl.methods()`).")
+    return known[name]
+
+
+def fit_predictor(adata: AnnData, method: str, **kwargs: Any) -> BaseModel:
+    """Fit the registered predictor ``method`` on ``adata``.
+
+    Keyword arguments its fit function does not take are dropped when they are unset (``None`` or ``False``) and
+    raise otherwise, so one set of options can serve contrastive methods and baselines alike.
+    """
+    pred = get_predictor(method)
+    unknown = [k for k in kwargs if not pred.accepts(k)]
+    bad = sorted(k for k in unknown if kwargs[k] is not None and kwargs[k] is not False)
+    if bad:
+        target = pred.fit.func if isinstance(pred.fit, functools.partial) else pred.fit
+        valid = sorted(set(inspect.signature(target).parameters) - {"adata", "method"})
+        raise TypeError(f"method {method!r} ({pred.kind}) does not take {bad}; it takes {valid}.")
+    return pred.fit(adata, **{k: v for k, v in kwargs.items() if k not in unknown})
+
+
+def methods() -> pd.DataFrame:
+    """The registered methods and baselines, one row each.
+
+    Returns
+    -------
+    A :class:`~pandas.DataFrame` indexed by ``name`` with columns ``kind`` (``'contrastive'`` or ``'baseline'``),
+    ``description``, ``prediction`` (``'retrieval'`` or ``'regression'``), ``needs_coords`` and, for contrastive
+    methods, their published training recipe (``optimizer``, ``lr``, ``batch_size``, ``epochs``, ``select_on``)
+    and retrieval defaults (``k``, ``weighting``). Pass a name as ``method=`` to :func:`sthist.tl.fit_contrastive`,
+    :func:`sthist.tl.cross_validate` or the command line.
+
+    Examples
+    --------
+    >>> import sthist
+    >>> sthist.tl.methods().loc["bleep", "kind"]
+    'contrastive'
+    """
+    import pandas as pd
+
+    from .._engine.methods import METHODS
+
+    rows = []
+    for name, pred in predictors().items():
+        row: dict[str, Any] = {"name": name, "kind": pred.kind, "description": pred.description}
+        cls = METHODS.get(name)
+        if cls is None:
+            row.update(prediction="regression", needs_coords=False)
+        else:
+            plan = cls.recipe
+            stages = plan.resolved_stages()
+            row.update(
+                prediction=cls.prediction,
+                needs_coords=bool(cls.needs_coords or cls.needs_neighbors),
+                optimizer=plan.optimizer.name,
+                lr=plan.optimizer.lr,
+                batch_size=plan.batch_size,
+                epochs=sum(s.epochs for s in stages),
+                select_on=plan.select_on,
+                k=cls.prediction_defaults.get("k", 50) if cls.prediction == "retrieval" else None,
+                weighting=cls.prediction_defaults.get("weighting", "average") if cls.prediction == "retrieval" else None,
+            )
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("name")

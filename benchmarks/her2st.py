@@ -128,7 +128,10 @@ def main(argv=None) -> int:
                     progress=False,
                     **kw,
                 )
-                config = {"method_config": model.config.get("method_config", {}), "best_epoch": model.history["best_epoch"]}
+                config = {
+                    "method_config": model.config.get("method_config", {}),
+                    "best_epoch": model.history["best_epoch"],
+                }
             fit_seconds = time.perf_counter() - t1
             rows = []
             for section in test:

@@ -42,11 +42,37 @@ def test_fit_predict_evaluate(tmp_path, capsys):
     ref.uns["spatial"] = {"toy_0": ref.uns["spatial"]["toy_0"]}
     ref.write_h5ad(tmp_path / "ref.h5ad")
     query.write_h5ad(tmp_path / "query.h5ad")
-    assert main(["fit", str(tmp_path / "ref.h5ad"), "--out", str(tmp_path / "model"), "--patch-size", "48",
-                 "--max-epochs", "5", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(tmp_path / "ref.h5ad"),
+                "--out",
+                str(tmp_path / "model"),
+                "--patch-size",
+                "48",
+                "--max-epochs",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "model" / "config.json").is_file()
-    assert main(["predict", str(tmp_path / "query.h5ad"), "--model", str(tmp_path / "model"),
-                 "--out", str(tmp_path / "pred.h5ad"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "query.h5ad"),
+                "--model",
+                str(tmp_path / "model"),
+                "--out",
+                str(tmp_path / "pred.h5ad"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     pred = ad.read_h5ad(tmp_path / "pred.h5ad")
     assert pred.layers["predicted"].shape == pred.shape
     assert np.isfinite(pred.layers["predicted"]).all()
@@ -55,17 +81,48 @@ def test_fit_predict_evaluate(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "pred.h5ad"), "--out", str(tmp_path / "scores.json")]) == 0
     scores = json.loads((tmp_path / "scores.json").read_text())["scores"]
     assert -1 <= scores["all"]["pcc_all"] <= 1
-    assert main(["fit", str(tmp_path / "ref.h5ad"), "--out", str(tmp_path / "ridge"), "--method", "ridge",
-                 "--patch-size", "48", "--no-progress"]) == 0
-    assert main(["predict", str(tmp_path / "query.h5ad"), "--model", str(tmp_path / "ridge"),
-                 "--out", str(tmp_path / "pred_ridge.h5ad"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(tmp_path / "ref.h5ad"),
+                "--out",
+                str(tmp_path / "ridge"),
+                "--method",
+                "ridge",
+                "--patch-size",
+                "48",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "query.h5ad"),
+                "--model",
+                str(tmp_path / "ridge"),
+                "--out",
+                str(tmp_path / "pred_ridge.h5ad"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_user_error_is_one_line(tmp_path, capsys):
     import sthist as st
 
     st.datasets.toy(n_rows=6, n_cols=6, n_genes=10).write_h5ad(tmp_path / "a.h5ad")
-    assert main(["predict", str(tmp_path / "a.h5ad"), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o.h5ad")]) == 2
+    assert (
+        main(
+            ["predict", str(tmp_path / "a.h5ad"), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o.h5ad")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "error: no model folder" in err and "Traceback" not in err
 
@@ -102,6 +159,8 @@ def test_fit_and_predict_options_reach_the_api(tmp_path, monkeypatch):
     monkeypatch.setattr(st.tl, "load_model", lambda p: SimpleNamespace(inputs=inputs))  # reach the call only
     monkeypatch.setattr("sthist._cli._prepare", lambda *a, **k: None)
     with pytest.raises(Stop):
-        main(["predict", str(path), "--model", str(tmp_path), "--out", str(tmp_path / "o.h5ad"), "--index", "faiss-ivf"])
+        main(
+            ["predict", str(path), "--model", str(tmp_path), "--out", str(tmp_path / "o.h5ad"), "--index", "faiss-ivf"]
+        )
     assert seen["predict"]["index"] == "faiss-ivf"
     assert seen["predict"]["k"] is None and seen["predict"]["weighting"] is None

@@ -49,7 +49,12 @@ def test_plan_fields_are_checked_once_when_made(make, match):
 
 def test_schedules_give_the_published_learning_rates():
     assert [Schedule("step", step_size=2, gamma=0.5).lr_at(e, lr=1.0, epochs=6) for e in range(6)] == [
-        1.0, 1.0, 0.5, 0.5, 0.25, 0.25,
+        1.0,
+        1.0,
+        0.5,
+        0.5,
+        0.25,
+        0.25,
     ]
     cos = Schedule("cosine", min_lr=1e-5)
     assert cos.lr_at(0, lr=1e-4, epochs=11) == pytest.approx(1e-4)
@@ -86,8 +91,12 @@ def test_engine_and_tl_run_the_same_recipe(prepared_toy):
     model = st.tl.fit_contrastive(adata, method="cmrcnet", layer="targets", max_epochs=2, progress=False)
     expr = adata.layers["targets"]
     direct = train.fit(
-        method="cmrcnet", expression=expr, genes=list(adata.var_names), features=adata.obsm["X_hed_texture"],
-        max_epochs=2, progress=False,
+        method="cmrcnet",
+        expression=expr,
+        genes=list(adata.var_names),
+        features=adata.obsm["X_hed_texture"],
+        max_epochs=2,
+        progress=False,
     )
     assert model.config["plan"] == direct.config["plan"]
     assert model.config["plan"]["optimizer"] == {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-3, "momentum": 0.9}
@@ -120,12 +129,20 @@ def test_stages_train_only_their_parameters_and_terms():
     assert all(p.requires_grad for p in model.module.parameters())  # restored after training
     with pytest.raises(ValueError, match="name no parameters"):
         train.fit(
-            method="bleep", expression=expr, genes=genes, features=feats, progress=False,
+            method="bleep",
+            expression=expr,
+            genes=genes,
+            features=feats,
+            progress=False,
             plan=TrainPlan(stages=(Stage("x", epochs=1, trainable=("decoder",)),)),
         )
     with pytest.raises(ValueError, match="does not return"):
         train.fit(
-            method="bleep", expression=expr, genes=genes, features=feats, progress=False,
+            method="bleep",
+            expression=expr,
+            genes=genes,
+            features=feats,
+            progress=False,
             plan=TrainPlan(stages=(Stage("x", epochs=1, losses=("dgi",)),)),
         )
 
@@ -135,8 +152,16 @@ def test_selection_on_validation_pearson(method):
     feats, expr, genes = _toy_arrays(n=150)
     coords = np.stack(np.meshgrid(np.arange(15), np.arange(10)), -1).reshape(-1, 2) * 100.0
     model = train.fit(
-        method=method, expression=expr, genes=genes, features=feats, coords=coords, progress=False,
-        max_epochs=6, batch_size=32, select_on="val_pearson", early_stopping_patience=None,
+        method=method,
+        expression=expr,
+        genes=genes,
+        features=feats,
+        coords=coords,
+        progress=False,
+        max_epochs=6,
+        batch_size=32,
+        select_on="val_pearson",
+        early_stopping_patience=None,
     )
     r = model.history["val_pearson"]
     assert len(r) == 6 and np.isfinite(r).all()
@@ -194,11 +219,17 @@ def test_methods_can_consume_token_grids(prepared_toy, token_method, tmp_path):
     st.tl.predict_expression(query, fitted, progress=False)
     assert fitted.inputs.tokens == 2 and np.isfinite(query.layers["predicted"]).all()
     with pytest.raises(ValueError, match="grid of encoder tokens"):
-        train.fit(method="_test_tokens", expression=expr, genes=genes, features=ref.obsm["X_hed_texture"], progress=False)
+        train.fit(
+            method="_test_tokens", expression=expr, genes=genes, features=ref.obsm["X_hed_texture"], progress=False
+        )
     with pytest.raises(ValueError, match="does not consume encoder tokens"):
         train.fit(
-            method="bleep", expression=expr, genes=genes, features=ref.obsm["X_hed_texture"],
-            tokens=np.zeros((ref.n_obs, 4, 3)), progress=False,
+            method="bleep",
+            expression=expr,
+            genes=genes,
+            features=ref.obsm["X_hed_texture"],
+            tokens=np.zeros((ref.n_obs, 4, 3)),
+            progress=False,
         )
 
 
@@ -282,7 +313,9 @@ def test_new_slide_predictions_follow_the_copy_rule(toy_split):
 def test_cross_validate_inplace_false_leaves_adata_unchanged(prepared_toy):
     adata = prepared_toy()
     layers, uns = set(adata.layers), set(adata.uns)
-    table = st.tl.cross_validate(adata, groupby="section", method="ridge", layer="targets", progress=False, inplace=False)
+    table = st.tl.cross_validate(
+        adata, groupby="section", method="ridge", layer="targets", progress=False, inplace=False
+    )
     assert len(table) == 2 and set(adata.layers) == layers and set(adata.uns) == uns
     with pytest.raises(ValueError, match="not registered"):
         st.tl.cross_validate(adata, groupby="section", method="ridge2", layer="targets", progress=False)

@@ -148,14 +148,20 @@ def test_two_process_fit_gives_the_one_process_model(runs, method):
     out1, out2 = runs
     one = torch.load(out1 / f"fit_{method}_0.pt")
     assert one["world"] == 1
-    for rank in (0, 1):
-        two = torch.load(out2 / f"fit_{method}_{rank}.pt")
+    ranks = [torch.load(out2 / f"fit_{method}_{rank}.pt") for rank in (0, 1)]
+    # the two processes hold bitwise the same model (gradients are synchronised, steps identical)
+    for name, w in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][name], w), name
+    for two in ranks:
         assert two["world"] == 2
         np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-5)
         np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-5)
         assert set(two["state"]) == set(one["state"])
+        # against one process the float32 reductions run in another order (one step agrees to 1e-6, see above);
+        # Adam divides by sqrt(v), which magnifies such rounding in weights with tiny gradients, so after the
+        # steps of two epochs the weights agree to 1e-5 absolute: 1 % of one Adam step at lr 1e-3
         for name, w in one["state"].items():
-            torch.testing.assert_close(two["state"][name], w, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(two["state"][name], w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_shards_cover_the_batch_once():

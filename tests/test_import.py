@@ -12,7 +12,9 @@ def test_import_is_light():
 
 
 def test_importtime_has_no_torch():
-    res = subprocess.run([sys.executable, "-X", "importtime", "-c", "import sthist"], capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import sthist"], capture_output=True, text=True, check=True
+    )
     modules = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines() if "|" in line}
     assert "sthist" in modules
     assert not {"torch", "timm"} & modules

@@ -76,5 +76,6 @@ def test_several_sections_need_library_key(split):
 
 def test_bad_config():
     with pytest.raises(ValueError, match="n_neighbors must be a positive integer"):
-        st.tl.fit_contrastive(st.datasets.toy(n_rows=6, n_cols=6, n_genes=10), method="bleep_ctx",
-                              method_kwargs={"n_neighbors": 0})
+        st.tl.fit_contrastive(
+            st.datasets.toy(n_rows=6, n_cols=6, n_genes=10), method="bleep_ctx", method_kwargs={"n_neighbors": 0}
+        )

@@ -277,7 +277,11 @@ def test_same_seed_same_model(split):
 @pytest.mark.parametrize(
     ("mutate", "kwargs", "match"),
     [
-        (lambda a: a.obsm.pop("spatial"), {}, r"method 'mclstexp' uses the spots' positions.*obsm\['spatial'\] is missing"),
+        (
+            lambda a: a.obsm.pop("spatial"),
+            {},
+            r"method 'mclstexp' uses the spots' positions.*obsm\['spatial'\] is missing",
+        ),
         (lambda a: None, {"method_kwargs": {"n_heads": 0}}, "n_heads must be a positive integer"),
         (lambda a: None, {"method_kwargs": {"pitch": 100}}, "not options of method 'mclstexp'"),
     ],

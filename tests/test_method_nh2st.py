@@ -280,7 +280,8 @@ def test_missing_coordinates_raise_and_leave_adata_unchanged(toy, trained):
     q = test.copy()
     del q.obsm["spatial"]
     before = q.copy()
-    with pytest.raises(KeyError, match=r"method 'nh2st' uses the spots' positions, but adata\.obsm\['spatial'\] is missing"):
+    missing = r"method 'nh2st' uses the spots' positions, but adata\.obsm\['spatial'\] is missing"
+    with pytest.raises(KeyError, match=missing):
         st.tl.predict_expression(q, trained, library_key="section", progress=False)
     assert set(q.layers) == set(before.layers) and set(q.obsm) == set(before.obsm) and set(q.uns) == set(before.uns)
     assert q.var.equals(before.var) and q.obs.equals(before.obs)

@@ -277,7 +277,8 @@ def test_ridge_and_cv_with_stored_features(lazy_and_memory, tmp_path):
     st.pp.embed_patches(mem, progress=False)
     st.pp.embed_patches(lazy, store=tmp_path / "e.zarr", progress=False)
     pred = [
-        st.tl.fit_ridge(a, features_key="X_hed_texture", layer="targets").predict(features=a.obsm["X_hed_texture"])
+        st.tl.fit_ridge(a, features_key="X_hed_texture", layer="targets")
+        .predict(features=a.obsm["X_hed_texture"])
         .expression
         for a in (mem, lazy)
     ]

@@ -58,7 +58,9 @@ def test_learns_informative_genes(prepared):
     scores = {}
     for name, m in {"real": model, "shuffled": control}.items():
         st.tl.predict_expression(test, m, key_added=name, progress=False)
-        df = st.tl.score_prediction(test, layer=name, true_layer="targets", genes=test.var_names[inf].tolist(), inplace=False)
+        df = st.tl.score_prediction(
+            test, layer=name, true_layer="targets", genes=test.var_names[inf].tolist(), inplace=False
+        )
         scores[name] = df.loc["all", "pcc_all"]
     assert scores["real"] > 0.4
     assert scores["real"] > scores["shuffled"] + 0.3
@@ -112,7 +114,9 @@ def test_predict_from_patches_equals_cached_features(fitted):
 
 def test_genes_not_in_model_are_nan(fitted):
     adata, _ = fitted
-    sub = st.tl.fit_contrastive(adata.copy(), layer="targets", genes=adata.var_names[:10].tolist(), max_epochs=2, progress=False)
+    sub = st.tl.fit_contrastive(
+        adata.copy(), layer="targets", genes=adata.var_names[:10].tolist(), max_epochs=2, progress=False
+    )
     a = adata.copy()
     st.tl.predict_expression(a, sub, progress=False)
     assert np.isnan(a.layers["predicted"][:, 10:]).all()
@@ -180,7 +184,14 @@ def test_ridge_through_predict_expression(prepared):
 @pytest.mark.parametrize("method", ["bleep", "ridge"])
 def test_cross_validate(prepared, method):
     adata = prepared.copy()
-    df = st.tl.cross_validate(adata, groupby="section", method=method, layer="targets", progress=False, fit_kwargs={"max_epochs": 20} if method != "ridge" else None)
+    df = st.tl.cross_validate(
+        adata,
+        groupby="section",
+        method=method,
+        layer="targets",
+        progress=False,
+        fit_kwargs={"max_epochs": 20} if method != "ridge" else None,
+    )
     assert df["fold"].tolist() == ["toy_0", "toy_1"]
     assert {"pcc_all", "pcc_heg", "pcc_hvg", "gene_corr", "mse", "seconds"} <= set(df.columns)
     assert np.isfinite(adata.layers["cv_predicted"]).all()

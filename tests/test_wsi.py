@@ -246,7 +246,9 @@ def test_predict_slide_chunked_equals_whole(slide, toy_models, tmp_path):
     np.testing.assert_allclose(pred.obsm["X_hed_texture"], tiles.obsm["X_hed_texture"], rtol=1e-5, atol=1e-6)
     # a ridge probe predicts from the same features
     ridge = st.tl.predict_slide(slide.path, toy_models.ridge, chunk_size=5, **SLIDE_KW)
-    np.testing.assert_allclose(ridge.X, toy_models.ridge.predict(features=pred.obsm["X_hed_texture"]).expression, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        ridge.X, toy_models.ridge.predict(features=pred.obsm["X_hed_texture"]).expression, rtol=1e-4, atol=1e-5
+    )
     import anndata as ad
 
     pred.write_h5ad(tmp_path / "pred.h5ad")

@@ -28,28 +28,29 @@ LIBRARY_COLUMNS = (C.SECTION_KEY, "library_id")
 
 # ---- uns ---------------------------------------------------------------------------------------------------------
 def to_uns(obj: Any) -> Any:
-    """Make a nested structure writable to h5ad and JSON-clean: plain containers, str keys, no ``None``.
+    """Make a nested structure writable to h5ad: plain containers, str keys, no ``None``.
 
-    Lists of numbers become numpy arrays (h5ad stores them as datasets), empty lists empty arrays, ``None`` and
-    non-finite floats the empty string, numpy scalars Python scalars; other objects their ``str``.
+    Lists and tuples of numbers (or of booleans) become numpy arrays, empty ones empty arrays, numpy scalars Python
+    scalars, ``None`` the empty string; numpy arrays, strings and numbers (NaN included) are kept, other objects
+    become their ``str``.
     """
-    from ._engine._utils import jsonable
-
-    def fix(o: Any) -> Any:
-        if isinstance(o, dict):
-            return {k: fix(v) for k, v in o.items()}
-        if isinstance(o, list):
-            vals = [fix(v) for v in o]
-            if not vals:
-                return np.zeros(0)
-            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals) or all(
-                isinstance(v, bool) for v in vals
-            ):
-                return np.asarray(vals)
-            return vals
-        return "" if o is None else o
-
-    return fix(jsonable(obj))
+    if isinstance(obj, dict):
+        return {str(k): to_uns(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        vals = [to_uns(v) for v in obj]
+        if not vals:
+            return np.zeros(0)
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
+        if numbers or all(isinstance(v, bool) for v in vals):
+            return np.asarray(vals)
+        return vals
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None:
+        return ""
+    if isinstance(obj, np.ndarray | str | int | float | bool):
+        return obj
+    return str(obj)
 
 
 def record(adata: AnnData, key_added: str, entry: dict[str, Any]) -> None:
@@ -65,6 +66,23 @@ def uns_params(adata: AnnData, key: str | None) -> dict[str, Any]:
 
 
 # ---- matrices ----------------------------------------------------------------------------------------------------
+def layer_matrix(adata: AnnData, layer: str | None, *, fn: str, what: str = "expression", hint: str = "") -> Any:
+    """``adata.X`` or ``adata.layers[layer]`` as stored (dense or sparse), raising with the available layers."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError(
+                f"{fn}: adata.X is empty, so there is no {what} there; pass layer= naming the layer that holds it "
+                f"(available layers: {list(adata.layers.keys())})."
+            )
+        return adata.X
+    if not isinstance(layer, str) or layer not in adata.layers:
+        raise KeyError(
+            f"{fn}: adata.layers[{layer!r}] ({what}) is missing; available layers: {list(adata.layers.keys())}. "
+            f"Use layer=None for adata.X.{hint}"
+        )
+    return adata.layers[layer]
+
+
 def get_matrix(
     adata: AnnData,
     *,
@@ -77,17 +95,16 @@ def get_matrix(
 
     Returns the matrix and the names of its genes.
     """
-    if layer is not None and layer not in adata.layers:
-        raise KeyError(
-            f"layer={layer!r} is not in adata.layers (available: {list(adata.layers)}). "
-            "Run `sthist.pp.normalize_expression(adata)` to write `layers['targets']`, or pass layer=None for X."
-        )
+    mat = layer_matrix(
+        adata,
+        layer,
+        fn="sthist",
+        what=what,
+        hint=" Run `sthist.pp.normalize_expression(adata)` to write `layers['targets']`.",
+    )
     if adata.n_vars == 0:
         raise ValueError(f"adata has no genes, so it holds no {what}. Predict on such a slide with a fitted model.")
     mask = resolve_genes(adata, genes)
-    mat = adata.layers[layer] if layer is not None else adata.X
-    if mat is None:
-        raise ValueError(f"adata.X is empty; pass layer= naming the layer that holds the {what}.")
     mat = mat[:, mask]
     mat = mat.toarray() if hasattr(mat, "toarray") else np.asarray(mat)
     mat = np.asarray(mat, dtype=np.float32)
@@ -194,8 +211,11 @@ def _load_features(adata: AnnData, key: str) -> np.ndarray:
 
 @dataclass
 class Features:
-    """Image features of the spots: the values, the ``obsm`` key they are (or will be) stored under, the encoder
-    params of ``sthist.pp.embed_patches``, and whether they were computed now (and are not yet in ``adata``)."""
+    """Image features of the spots.
+
+    The values, the ``obsm`` key they are (or will be) stored under, the encoder params of
+    ``sthist.pp.embed_patches``, and whether they were computed now (and are not yet in ``adata``).
+    """
 
     values: np.ndarray
     key: str
@@ -217,14 +237,17 @@ def find_features(
     checkpoint: str | None = None,
     features_key: str | None = None,
 ) -> Features | None:
-    """Embeddings of the spots made by this encoder: ``obsm[features_key]`` (checked against the encoder when its
-    params say which made them), else the cache of :func:`sthist.pp.embed_patches` for the encoder, else ``None``."""
+    """Embeddings of the spots made by this encoder, or ``None``.
+
+    ``obsm[features_key]`` (checked against the encoder when its params say which made them), else the cache of
+    :func:`sthist.pp.embed_patches` for the encoder, else ``None``.
+    """
     from .pp._embed import default_key
 
     if features_key is not None:
         if features_key not in adata.obsm:
             raise KeyError(
-                f"adata.obsm[{features_key!r}] is missing; run "
+                f"adata.obsm[{features_key!r}] is missing (obsm keys: {list(adata.obsm.keys())}); run "
                 f"`sthist.pp.embed_patches(adata, key_added={features_key!r})` first, or pass features_key=None to "
                 "compute features from the patches."
             )

@@ -42,9 +42,15 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, help="reference .h5ad (Visium convention, counts in X)")
     p.add_argument("--out", type=Path, required=True, help="folder to save the model to")
-    p.add_argument("--method", default="bleep", help="a method of `sthist.tl.methods()`, e.g. bleep, nh2st or ridge (default: bleep)")
+    p.add_argument(
+        "--method",
+        default="bleep",
+        help="a method of `sthist.tl.methods()`, e.g. bleep, nh2st or ridge (default: bleep)",
+    )
     p.add_argument("--layer", default=None, help="layer with the training targets (default: normalise X)")
-    p.add_argument("--normalize", default="log1p", choices=["log1p", "hist2st"], help="normalisation of X (default: log1p)")
+    p.add_argument(
+        "--normalize", default="log1p", choices=["log1p", "hist2st"], help="normalisation of X (default: log1p)"
+    )
     p.add_argument("--genes", default=None, help="text file with one gene per line, or a boolean var column")
     p.add_argument("--encoder", default="hed-texture", help="image encoder (default: hed-texture, weight-free)")
     p.add_argument("--checkpoint", default=None, help="local weight file for the encoder")
@@ -84,7 +90,9 @@ def _run_fit(args: argparse.Namespace) -> int:
     _prepare(adata, args, patch_size=args.patch_size, mpp=args.mpp)
     layer = args.layer
     if layer is None:
-        st.pp.normalize_expression(adata, flavor=args.normalize, genes=args.genes if args.normalize == "hist2st" else None)
+        st.pp.normalize_expression(
+            adata, flavor=args.normalize, genes=args.genes if args.normalize == "hist2st" else None
+        )
         layer = "targets"
     options = {
         "layer": layer,
@@ -151,6 +159,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     import anndata as ad
 
     import sthist as st
+
     adata = ad.read_h5ad(args.input)
     model = st.tl.load_model(args.model)
     _prepare(adata, args, patch_size=model.inputs.patch_size or 224, mpp=model.inputs.mpp)
@@ -222,8 +231,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, help=".h5ad with a prediction layer and the measured expression")
     p.add_argument("--layer", default="predicted", help="prediction layer (default: predicted)")
-    p.add_argument("--true-layer", default=None, help="layer of measured expression (default: normalise X as --normalize)")
-    p.add_argument("--normalize", default="log1p", choices=["log1p", "hist2st"], help="normalisation of X when --true-layer is not given")
+    p.add_argument(
+        "--true-layer", default=None, help="layer of measured expression (default: normalise X as --normalize)"
+    )
+    p.add_argument(
+        "--normalize",
+        default="log1p",
+        choices=["log1p", "hist2st"],
+        help="normalisation of X when --true-layer is not given",
+    )
     p.add_argument("--groupby", default=None, help="obs column to score per group, e.g. section")
     p.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
     p.set_defaults(func=_run_evaluate)

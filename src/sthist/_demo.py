@@ -25,7 +25,9 @@ def _plot_overview(adata, out: Path) -> list[str]:
     lib = sorted(adata.uns["spatial"])[0]
     sub = adata[adata.obs["section"] == lib].copy()
     sub.uns["spatial"] = {lib: sub.uns["spatial"][lib]}
-    sq.pl.spatial_scatter(sub, color="region", library_id=lib, img_res_key="hires", title=f"{lib}: H&E and tissue regions")
+    sq.pl.spatial_scatter(
+        sub, color="region", library_id=lib, img_res_key="hires", title=f"{lib}: H&E and tissue regions"
+    )
     _save(plt.gcf(), out / "spots.png")
 
     patches = adata.obsm["patches"]
@@ -42,7 +44,9 @@ def _plot_overview(adata, out: Path) -> list[str]:
     return ["spots.png", "patches.png"]
 
 
-def run_demo(out: str | Path = "sthist-demo", *, seed: int = 0, quick: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "sthist-demo", *, seed: int = 0, quick: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Run sthist on :func:`sthist.datasets.toy` and write ``metrics.json`` and PNG figures into ``out``.
 
     Two synthetic sections: BLEEP and the ridge baseline are trained on one and predict the other, held out.
@@ -105,7 +109,9 @@ def run_demo(out: str | Path = "sthist-demo", *, seed: int = 0, quick: bool = Fa
         st.tl.score_prediction(test, layer=layer, true_layer="targets")
         table = st.tl.score_prediction(test, layer=layer, true_layer="targets", inplace=False)
         row = table.loc["all"]
-        scores[name] = {k: round(float(row[k]), 4) for k in ["pcc_all", "pcc_heg", "pcc_hvg", "gene_corr", "mse", "mae"]}
+        scores[name] = {
+            k: round(float(row[k]), 4) for k in ["pcc_all", "pcc_heg", "pcc_hvg", "gene_corr", "mse", "mae"]
+        }
     informative = test.var_names[test.var["informative"]].tolist()
     inf_table = st.tl.score_prediction(test, true_layer="targets", genes=informative, inplace=False)
     scores["bleep"]["pcc_informative_genes"] = round(float(inf_table.loc["all", "pcc_all"]), 4)
@@ -113,7 +119,10 @@ def run_demo(out: str | Path = "sthist-demo", *, seed: int = 0, quick: bool = Fa
     figures = _plot_overview(adata, out)
     ranked = test.var.sort_values("predicted_scores_pearson", ascending=False).index
     genes = [g for g in ranked if g in informative][:2]
-    _save(st.pl.predicted_vs_true(test, genes, true_layer="targets", library_key="section", show=False, return_fig=True), out / "predicted_vs_true.png")
+    _save(
+        st.pl.predicted_vs_true(test, genes, true_layer="targets", library_key="section", show=False, return_fig=True),
+        out / "predicted_vs_true.png",
+    )
     _save(st.pl.gene_correlation(test, show=False, return_fig=True), out / "gene_correlation.png")
     ax = st.pl.scores(test, show=False)
     _save(ax.figure, out / "scores.png")

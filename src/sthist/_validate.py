@@ -37,11 +37,15 @@ def check_spatial(adata: AnnData, *, key: str = C.SPATIAL_KEY) -> np.ndarray:
         )
     coords = np.asarray(adata.obsm[key], dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] < 2:
-        raise ValueError(f"adata.obsm[{key!r}] must have shape (n_obs, 2) with x, y pixel coordinates; got {coords.shape}.")
+        raise ValueError(
+            f"adata.obsm[{key!r}] must have shape (n_obs, 2) with x, y pixel coordinates; got {coords.shape}."
+        )
     coords = coords[:, :2]
     if not np.isfinite(coords).all():
         bad = adata.obs_names[~np.isfinite(coords).all(axis=1)][:5].tolist()
-        raise ValueError(f"adata.obsm[{key!r}] has NaN or infinite coordinates (e.g. spots {bad}); drop these spots first.")
+        raise ValueError(
+            f"adata.obsm[{key!r}] has NaN or infinite coordinates (e.g. spots {bad}); drop these spots first."
+        )
     return coords
 
 

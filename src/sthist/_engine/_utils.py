@@ -112,8 +112,10 @@ def check_float(
 
 
 def mean_pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    """Mean over genes (columns) of the Pearson r between ``pred`` and ``true``; genes constant in either are skipped
-    (NaN when all are)."""
+    """Mean over genes (columns) of the Pearson r between ``pred`` and ``true``.
+
+    Genes constant in either are skipped (NaN when all are).
+    """
     p = np.asarray(pred, dtype=np.float64)
     t = np.asarray(true, dtype=np.float64)
     p = p - p.mean(0)

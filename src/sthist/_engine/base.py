@@ -177,7 +177,12 @@ class BaseModel:
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly summary recorded next to predictions: method, format, inputs and number of genes."""
-        return {"method": self.method, "format": self.format, "n_genes": len(self.genes), "inputs": self.inputs.to_dict()}
+        return {
+            "method": self.method,
+            "format": self.format,
+            "n_genes": len(self.genes),
+            "inputs": self.inputs.to_dict(),
+        }
 
     # ---- the frozen image encoder --------------------------------------------------------------------------------
     def image_encoder(self) -> Any:
@@ -234,7 +239,8 @@ class BaseModel:
             self.inputs.check_geometry(int(images.shape[1]), None, where="the patches given")
             enc = self.image_encoder()
             return encode_patches(enc, images, device=device, progress=progress, batch_size=batch_size)
-        features = check_features(features, None)
+        check_features(features, None)  # shape and finiteness; the caller's dtype is kept (float64 stays exact)
+        features = np.asarray(features)
         if features.shape[1] != self.inputs.feature_dim:
             raise ValueError(
                 f"features have {features.shape[1]} columns but the model was trained on {self.inputs.feature_dim}-d "
@@ -291,8 +297,18 @@ def check_save_target(path: str | os.PathLike, *, overwrite: bool) -> Path:
     return path
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of a saved model folder, with errors that name the folder."""
+def write_config(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` as the folder's ``config.json``, atomically (a temporary file renamed over it)."""
+    tmp = path / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path / CONFIG_FILE)
+
+
+def read_config(path: str | os.PathLike, *, expect: str | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a saved model folder, with errors that name the folder.
+
+    ``expect`` is the format the caller reads (another one raises).
+    """
     path = Path(path)
     where = f"model folder {str(path)!r}"
     if not path.is_dir():
@@ -306,6 +322,11 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFileError(f"{where}: {CONFIG_FILE} is not valid JSON ({err}); the file is corrupted.") from err
     if not isinstance(doc, dict):
         raise ModelFileError(f"{where}: {CONFIG_FILE} is not an sthist model description.")
+    if expect is not None and doc.get("format") != expect:
+        raise ModelFileError(
+            f"{where}: {CONFIG_FILE} is not an sthist model description of format {expect!r} (found "
+            f"{doc.get('format')!r}); read any saved model with `sthist.tl.load_model`."
+        )
     return doc
 
 

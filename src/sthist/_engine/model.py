@@ -14,7 +14,6 @@ checks the format, the checksums (so modified or truncated files are caught) and
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +32,7 @@ from .base import (
     Prediction,
     check_save_target,
     read_config,
+    write_config,
 )
 from .data import (
     FeatureScaler,
@@ -57,8 +57,10 @@ __all__ = ["ContrastiveModel", "ModelFileError"]
 
 
 def retrieval_settings(prediction_defaults: dict[str, Any], n_bank: int, k: int | None, weighting: str | None):
-    """The caller's ``k`` / ``weighting``, else the method's paper values (a default ``k`` is capped at a third of the
-    bank, with a log message); returns ``(k, weighting, note)``."""
+    """The caller's ``k`` / ``weighting``, else the method's paper values; returns ``(k, weighting, note)``.
+
+    A default ``k`` is capped at a third of the bank, and ``note`` says so.
+    """
     if weighting is None:
         weighting = prediction_defaults.get("weighting", "average")
     if weighting not in _bank.WEIGHTINGS:
@@ -178,8 +180,12 @@ class ContrastiveModel(BaseModel):
                 from .encoders import encode_tokens
 
                 tokens = encode_tokens(
-                    self.image_encoder(), check_patches(images, name="images"), grid=grid, device=dev,
-                    progress=progress, batch_size=min(batch_size, 64),
+                    self.image_encoder(),
+                    check_patches(images, name="images"),
+                    grid=grid,
+                    device=dev,
+                    progress=progress,
+                    batch_size=min(batch_size, 64),
                 )
             tokens = check_tokens(tokens, int((images if images is not None else features).shape[0]), grid)
         elif tokens is not None:
@@ -387,8 +393,11 @@ class ContrastiveModel(BaseModel):
         n_probe: int = 32,
         **_: Any,
     ) -> dict[str, Any]:
-        """Retrieval settings of a :meth:`predict` call: ``k`` and ``weighting`` (the method's defaults where
-        ``None``; a default ``k`` is capped at a third of the bank, said in ``"note"``), ``index`` and ``n_probe``."""
+        """Retrieval settings of a :meth:`predict` call.
+
+        ``k`` and ``weighting`` (the method's defaults where ``None``; a default ``k`` is capped at a third of the
+        bank, said in ``"note"``), ``index`` and ``n_probe``.
+        """
         if self.prediction == "regression":
             return {}
         k, weighting, note = retrieval_settings(
@@ -405,8 +414,10 @@ class ContrastiveModel(BaseModel):
 
     # ---- persistence ---------------------------------------------------------------------------------------------
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write the model to the folder ``dir_path`` (created if needed); a folder that holds a model already is
-        replaced only with ``overwrite=True``."""
+        """Write the model to the folder ``dir_path`` (created if needed).
+
+        A folder that holds a model already is replaced only with ``overwrite=True``.
+        """
         from safetensors.torch import save_file
 
         path = check_save_target(dir_path, overwrite=overwrite)
@@ -436,9 +447,7 @@ class ContrastiveModel(BaseModel):
                 },
             },
         }
-        tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.replace(path / CONFIG_FILE)
+        write_config(path, doc)
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, *, device: str | None = None) -> ContrastiveModel:
@@ -447,11 +456,7 @@ class ContrastiveModel(BaseModel):
 
         path = Path(dir_path)
         where = f"model folder {str(path)!r}"
-        doc = read_config(path)
-        if doc.get("format") != FORMAT:
-            raise ModelFileError(
-                f"{where}: {CONFIG_FILE} is not an sthist model description (format {FORMAT!r} expected)."
-            )
+        doc = read_config(path, expect=FORMAT)
         version = doc.get("format_version")
         if not isinstance(version, int) or version < 1:
             raise ModelFileError(f"{where}: invalid format_version {version!r}.")
@@ -563,8 +568,9 @@ def run_batches(
     progress: bool = False,
     desc: str = "",
 ) -> np.ndarray:
-    """Apply ``fn(batch)`` over all spots of ``data`` in order, in batches (one section per batch when the method
-    wants it), without gradients; rows of the result follow the spots.
+    """Apply ``fn(batch)`` over all spots of ``data`` in batches, without gradients; rows follow the spots.
+
+    Batches hold one section each when the method wants it.
 
     ``images=False`` makes expression-only batches (placeholder image features, no encoder or scaler).
     """

@@ -337,7 +337,9 @@ def resolve_plan(recipe: TrainPlan, plan: TrainPlan | None = None, **overrides: 
     changes: dict[str, Any] = {}
     if opt_changes or new_opt is not None:
         changes["optimizer"] = optim(base.optimizer)
-        stages = tuple(s if s.optimizer is None else dataclasses.replace(s, optimizer=optim(s.optimizer)) for s in stages)
+        stages = tuple(
+            s if s.optimizer is None else dataclasses.replace(s, optimizer=optim(s.optimizer)) for s in stages
+        )
     if new_sched is not None:
         changes["schedule"] = new_sched
         stages = tuple(dataclasses.replace(s, schedule=None) for s in stages)

@@ -6,7 +6,6 @@ On disk a ridge model is a folder: ``config.json`` (format ``"sthist.RidgeModel"
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,16 @@ from typing import Any
 import numpy as np
 
 from ._utils import jsonable
-from .base import CONFIG_FILE, BaseModel, ModelFileError, ModelInputs, Prediction, check_save_target, read_config
+from .base import (
+    CONFIG_FILE,
+    BaseModel,
+    ModelFileError,
+    ModelInputs,
+    Prediction,
+    check_save_target,
+    read_config,
+    write_config,
+)
 
 FORMAT = "sthist.RidgeModel"
 FORMAT_VERSION = 2
@@ -168,18 +176,14 @@ class RidgeModel(BaseModel):
             "settings": jsonable(self.settings),
         }
         np.savez(path / NPZ_FILE, **{name: getattr(self, name) for name in _ARRAYS})
-        tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(path / CONFIG_FILE)
+        write_config(path, meta)
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, *, device: str | None = None) -> RidgeModel:
         """Read a model written by :meth:`save` (no code is executed: ``allow_pickle=False``); ``device`` is unused."""
         path = Path(dir_path)
         where = f"model folder {str(path)!r}"
-        meta = read_config(path)
-        if meta.get("format") != FORMAT:
-            raise ModelFileError(f"{where}: {CONFIG_FILE} is not a sthist RidgeModel (format {meta.get('format')!r}).")
+        meta = read_config(path, expect=FORMAT)
         version = meta.get("format_version", meta.get("version"))
         if version not in (1, FORMAT_VERSION):
             raise ModelFileError(
@@ -194,7 +198,9 @@ class RidgeModel(BaseModel):
             with np.load(path / NPZ_FILE, allow_pickle=False) as npz:
                 missing = [a for a in _ARRAYS if a not in npz.files]
                 if missing:
-                    raise ModelFileError(f"{where}: {NPZ_FILE} lacks the arrays {missing}; the saved model is incomplete.")
+                    raise ModelFileError(
+                        f"{where}: {NPZ_FILE} lacks the arrays {missing}; the saved model is incomplete."
+                    )
                 arrays = {a: np.array(npz[a]) for a in _ARRAYS}
         except ModelFileError:
             raise

@@ -598,12 +598,22 @@ def _val_pearson(run: _Run, outputs: list[tuple[np.ndarray, np.ndarray]]) -> flo
             device=run.device,
         )
         bank = run_batches(
-            module, data, lambda b: module.embed_expression(b.expression, b), max(run.plan.batch_size, 256), images=False
+            module,
+            data,
+            lambda b: module.embed_expression(b.expression, b),
+            max(run.plan.batch_size, 256),
+            images=False,
         )
         k, weighting, _ = retrieval_settings(method_cls.prediction_defaults, tr.size, None, None)
         out, _ = _bank.retrieve(
-            out, bank, run.expression[tr], k=k, similarity=method_cls.similarity, weighting=weighting,
-            device=run.device, progress=False,
+            out,
+            bank,
+            run.expression[tr],
+            k=k,
+            similarity=method_cls.similarity,
+            weighting=weighting,
+            device=run.device,
+            progress=False,
         )
     return mean_pearson(out, run.expression[idx])
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .. import _constants as C
+from .._anndata import layer_matrix
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_choice, check_positive_int, resolve_genes
@@ -41,23 +42,6 @@ _SELECT_FLAVORS = ("heg", "hvg", "list")
 _NORM_FLAVORS = ("log1p", "hist2st", "none")
 _DEFAULT_N_TOP = 50
 _SELECT_TARGET_SUM = 1e4
-
-
-def _get_matrix(adata: AnnData, layer: str | None, *, fn: str):
-    """Return ``adata.X`` or ``adata.layers[layer]``, raising with the available layers if missing."""
-    if layer is None:
-        if adata.X is None:
-            raise ValueError(
-                f"{fn}: adata.X is empty. Pass `layer=` naming the layer that holds the counts; "
-                f"available layers: {list(adata.layers.keys())}."
-            )
-        return adata.X
-    if not isinstance(layer, str) or layer not in adata.layers:
-        raise KeyError(
-            f"{fn}: layer={layer!r} is not in adata.layers; available layers: {list(adata.layers.keys())}. "
-            "Use layer=None for adata.X."
-        )
-    return adata.layers[layer]
 
 
 def _as_matrix(X):
@@ -284,7 +268,7 @@ def select_genes(
             raise ValueError(
                 f"adata.obs[{groupby!r}] has {int(groups.isna().sum())} missing values; fill them or subset the spots first."
             )
-    X = _get_matrix(adata, layer, fn=fn) if flavor != "list" else None
+    X = layer_matrix(adata, layer, fn=fn, what="counts") if flavor != "list" else None
 
     start = info(f"selecting genes ({flavor!r})")
     mask = resolve_genes(adata, genes)
@@ -420,7 +404,7 @@ def normalize_expression(
         raise ValueError(f"target_sum must be a positive finite number (e.g. 1e4), got {target_sum!r}.")
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
-    X = _as_matrix(_get_matrix(adata, layer, fn=fn))
+    X = _as_matrix(layer_matrix(adata, layer, fn=fn, what="counts"))
     lib_mask = resolve_genes(adata, genes)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 

@@ -57,7 +57,9 @@ def get_predictor(name: str) -> Predictor:
     """The predictor registered as ``name``; unknown names raise with the registered ones."""
     known = predictors()
     if not isinstance(name, str) or name not in known:
-        raise ValueError(f"method={name!r} is not registered; choose one of {sorted(known)} (see `sthist.tl.methods()`).")
+        raise ValueError(
+            f"method={name!r} is not registered; choose one of {sorted(known)} (see `sthist.tl.methods()`)."
+        )
     return known[name]
 
 
@@ -116,7 +118,10 @@ def methods() -> pd.DataFrame:
                 epochs=sum(s.epochs for s in stages),
                 select_on=plan.select_on,
                 k=cls.prediction_defaults.get("k", 50) if cls.prediction == "retrieval" else None,
-                weighting=cls.prediction_defaults.get("weighting", "average") if cls.prediction == "retrieval" else None,
+                weighting=cls.prediction_defaults.get("weighting", "average")
+                if cls.prediction == "retrieval"
+                else None,
             )
         rows.append(row)
-    return pd.DataFrame(rows).set_index("name")
+    table = pd.DataFrame(rows).set_index("name")
+    return table.astype({c: "Int64" for c in ("batch_size", "epochs", "k") if c in table})

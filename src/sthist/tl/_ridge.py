@@ -138,7 +138,9 @@ def fit_ridge(
     k = min(n_components, n, d)
     if k < n_components:
         logg.info(f"    n_components={n_components} clipped to {k} = min(n_obs={n}, n_features={d})")
-    start = logg.info(f"fitting ridge probe on obsm[{feats.key!r}] ({d} features -> {k} PCs -> {len(gene_names)} genes)")
+    start = logg.info(
+        f"fitting ridge probe on obsm[{feats.key!r}] ({d} features -> {k} PCs -> {len(gene_names)} genes)"
+    )
     model = engine_fit(
         feats.values, y, gene_names, inputs=inputs, n_components=n_components, alpha=alpha, random_state=seed
     )

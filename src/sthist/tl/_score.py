@@ -12,6 +12,7 @@ from scipy import sparse
 
 from .. import _constants as C
 from .. import _logging as logg
+from .._anndata import layer_matrix, to_uns
 from .._constants import Key
 from .._docs import inject_docs
 from .._validate import check_adata, check_positive_int, resolve_genes
@@ -26,26 +27,6 @@ _METRICS = ("pcc_all", "pcc_heg", "pcc_hvg", "pcc_markers", "mse", "mae", "gene_
 # --------------------------------------------------------------------------------------------- #
 # helpers (``_get_matrix`` is also used by ``_ridge``)
 # --------------------------------------------------------------------------------------------- #
-def _get_matrix(adata: AnnData, layer: str | None, *, fn: str, what: str):
-    """``adata.layers[layer]`` (or ``X``) with an error that lists the available layers."""
-    if layer is None:
-        if adata.X is None:
-            raise ValueError(
-                f"{fn}: adata.X is empty, so there is no {what} expression there; pass the layer that holds it "
-                f"(available layers: {list(adata.layers.keys())})."
-            )
-        return adata.X
-    if layer not in adata.layers:
-        hint = ""
-        if layer == C.PREDICTED_KEY:
-            hint = " Run `sthist.tl.predict_expression(adata, model=...)` first."
-        raise KeyError(
-            f"{fn}: adata.layers[{layer!r}] ({what} expression) is missing; available layers: "
-            f"{list(adata.layers.keys())}.{hint}"
-        )
-    return adata.layers[layer]
-
-
 def _rows_dense(mat, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Dense float64 block ``mat[rows][:, cols]`` for dense, sparse or backed matrices."""
     block = mat[rows] if not isinstance(mat, pd.DataFrame) else mat.to_numpy()[rows]
@@ -257,8 +238,9 @@ def score_prediction(
     check_adata(adata, fn=fn)
     n_top = check_positive_int("n_top", n_top)
     key_added = Key.scores(layer) if key_added is None else str(key_added)
-    pred = _get_matrix(adata, layer, fn=fn, what="predicted")
-    true = _get_matrix(adata, true_layer, fn=fn, what="true")
+    hint = " Run `sthist.tl.predict_expression(adata, model=...)` first." if layer == C.PREDICTED_KEY else ""
+    pred = layer_matrix(adata, layer, fn=fn, what="predicted expression", hint=hint)
+    true = layer_matrix(adata, true_layer, fn=fn, what="true expression")
     if tuple(pred.shape) != tuple(adata.shape) or tuple(true.shape) != tuple(adata.shape):
         raise ValueError(
             f"{fn}: shape mismatch: predicted {tuple(pred.shape)}, true {tuple(true.shape)}, adata {adata.shape}; "
@@ -359,8 +341,8 @@ def score_prediction(
     pearson[cols] = overall["r"]
     adata.var[Key.pearson(key_added)] = pearson
     adata.uns[key_added] = {
-        "summary": _plain(summary),
-        "per_group": {k: _plain(v) for k, v in per_group.items()},
+        "summary": to_uns(summary),
+        "per_group": to_uns(per_group),
         Key.gene_corr("true"): overall["corr_true"],
         Key.gene_corr("pred"): overall["corr_pred"],
         Key.gene_corr("genes"): [str(g) for g in adata.var_names[cols[gc]]],
@@ -378,8 +360,3 @@ def score_prediction(
         },
     }
     return None
-
-
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    """Python scalars only, so the dict writes to h5ad."""
-    return {k: (int(v) if isinstance(v, int | np.integer) else float(v)) for k, v in d.items()}

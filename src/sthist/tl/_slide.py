@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .. import _constants as C
+from .._anndata import record, to_uns
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_positive_int
 from ..pp._image import ImageSource, open_image
 from ..pp._patches import extract_patches
 from ..pp._tiles import DEFAULT_SPOT_DIAMETER, tile_tissue
-from .._anndata import record, to_uns
 from ._predict import predict_expression
 from ._utils import resolve_model
 
@@ -273,7 +273,11 @@ def predict_slide(
             )
     if not (finetuned or store is not None):
         tiles.obsm[features_key] = feats
-        record(tiles, features_key, {"params": {**feat_params, "patches_key": C.PATCHES_KEY, "patch_size": S, "mpp": patch_mpp}})
+        record(
+            tiles,
+            features_key,
+            {"params": {**feat_params, "patches_key": C.PATCHES_KEY, "patch_size": S, "mpp": patch_mpp}},
+        )
         out = predict_expression(tiles, model, features_key=features_key, progress=progress, copy=True, **predict_kw)
     model_dir = str(Path(model_arg).resolve()) if isinstance(model_arg, str | Path) else None
     out.uns[key_added]["params"].update(to_uns({**geometry, "model_dir": model_dir}))

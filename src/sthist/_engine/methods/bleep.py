@@ -77,9 +77,10 @@ class BLEEP(Method):
         temperature
             Softmax temperature of the loss (1.0).
 
-        Training settings of the published code, for reference (set them in ``fit``): AdamW with lr 1e-3 and
-        weight decay 1e-3, batch size 256, ``max_epochs`` 4 (``BLEEP_main.py`` default), the best validation epoch
-        kept, ResNet-50 image encoder fine-tuned end to end on 224 x 224 patches with flips / 90 degree rotations.
+        Training settings of the published code (AdamW with lr 1e-3 and weight decay 1e-3, batch size 256,
+        ``max_epochs`` 4 (``BLEEP_main.py`` default), the best validation epoch kept, ResNet-50 image encoder
+        fine-tuned end to end on 224 x 224 patches with flips / 90 degree rotations) are not configuration: the
+        class's ``recipe`` (the engine's default :class:`~sthist._engine.plan.TrainPlan`) holds what sthist runs.
         """
 
         projection_dim: int = 256

@@ -71,8 +71,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import register
 from ..plan import Optim, TrainPlan
+from . import register
 from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
 

@@ -43,7 +43,7 @@ Defaults and their sources (authors' code, github.com/ZhicengShi/mclSTExp)
 
 Departures: the position tables have ``n_positions`` (256) rows instead of 65536 (the authors' tables hold 2 x 65536
 x g weights, about 400 MB for 785 genes, almost all never used); training settings (optimiser, lr, batch size,
-epochs) are set by the shared training loop, see ``docs/methods/mclstexp.md``. The authors' ``DataLoader``
+epochs) are the class's ``recipe`` (AdamW lr 1e-4, batch 128, 90 epochs), see ``docs/methods/mclstexp.md``. The authors' ``DataLoader``
 shuffles spots of all training sections together, whereas sthist batches one section at a time
 (``batch_by_group``), as the paper's "a sentence of spots of a slice" describes.
 
@@ -61,8 +61,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import register
 from ..plan import Optim, TrainPlan
+from . import register
 from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
 RECOMMENDED_K = 200
@@ -246,8 +246,9 @@ class MclSTExp(Method):
         n_positions
             Rows of the x and y position embedding tables (256; the authors: 65536), see :func:`grid_positions`.
 
-        Training settings of the published code, for reference (set them in ``fit``): Adam with lr 1e-4 and
-        weight decay 1e-3, batch size 128, 90 epochs, DenseNet-121 fine-tuned on 224 x 224 patches.
+        Training settings of the published code (Adam with lr 1e-4 and weight decay 1e-3, batch size 128, 90
+        epochs, DenseNet-121 fine-tuned on 224 x 224 patches) are not configuration: the class's ``recipe``
+        (:class:`~sthist._engine.plan.TrainPlan`) holds what sthist runs (AdamW lr 1e-4, batch 128, 90 epochs).
         """
 
         projection_dim: int = 256

@@ -50,8 +50,9 @@ Defaults and their sources (github.com/ChangxiChi/ST-GCHB, commit 7d91926)
 
 Departures from the authors' code (see ``docs/methods/stgchb.md``)
     * One joint objective instead of two stages (50 epochs of DGI per modality with Adam, then 4 epochs of
-      alignment + HSIC bottleneck in which the DGI loss is no longer used): the shared training loop optimises one
-      loss with early stopping on its validation value, so the DGI terms are added to the joint loss.
+      alignment + HSIC bottleneck in which the DGI loss is no longer used): the recipe is one stage with early
+      stopping on the validation loss, so the DGI terms are added to the joint loss (the training plan can express
+      the two stages: ``Stage(losses=("dgi",))`` then ``Stage(losses=("align", "hsic"))``).
     * The expression side reads the expression profile itself instead of its PCA with as many components as genes
       (``modules.dim_reduce``): a rotation, which the linear GCN weight absorbs and Gaussian kernels ignore.
     * Both HSIC-bottleneck terms use nHSIC (the code's image term uses plain HSIC for the second part).

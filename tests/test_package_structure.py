@@ -42,6 +42,7 @@ SOURCE_FIRST = {
     "sthist.pp.tile_tissue": "image",
     "sthist.tl.predict_slide": "image",
     "sthist.tl.load_model": "dir_path",
+    "sthist.pl.benchmark": "result",
 }
 # functions that take no data at all (registries)
 NO_DATA = {"sthist.tl.methods"}

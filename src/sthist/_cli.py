@@ -263,6 +263,76 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "benchmark",
+        help="compare methods and baselines over held-out groups and seeds, with paired statistics",
+        description=(
+            "Hold out each group of --groupby (or those in --folds), fit every method and baseline once per seed "
+            "on the others, score the held-out spots with gene sets chosen on the training groups, and compare "
+            "every method with the reference gene by gene (bootstrap intervals). Writes table.csv/json, "
+            "summary.csv/json, comparison.csv/json and benchmark.png to --out."
+        ),
+    )
+    p.add_argument("input", type=Path, help=".h5ad with counts in X (or --layer), coordinates and sections")
+    p.add_argument("--out", type=Path, required=True, help="folder for the tables and the figure")
+    p.add_argument("--methods", default="all", help="comma-separated methods of `sthist.tl.methods()`, or all")
+    p.add_argument("--baselines", default="ridge,knn", help="comma-separated baselines (default: ridge,knn)")
+    p.add_argument("--reference", default="ridge", help="method every other is compared with (default: ridge)")
+    p.add_argument("--groupby", default="patient", help="obs column whose groups are held out (default: patient)")
+    p.add_argument("--folds", default=None, help="comma-separated groups to hold out (default: every group)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    p.add_argument("--layer", default=None, help="layer with the targets (default: normalise X as --normalize)")
+    p.add_argument("--normalize", default="log1p", choices=["log1p", "hist2st"], help="normalisation of X")
+    p.add_argument("--genes", default=None, help="text file with one gene per line, or a boolean var column")
+    p.add_argument("--encoder", default="hed-texture", help="frozen image encoder (default: hed-texture)")
+    p.add_argument("--patch-size", type=int, default=224, help="patch size in pixels, if patches must be extracted")
+    p.add_argument("--mpp", type=float, default=None, help="resample patches to this many microns per pixel")
+    p.add_argument("--library-key", default=None, help="obs column with the section of each spot")
+    p.add_argument("--max-epochs", type=int, default=None, help="cap the training of every method")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_benchmark)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    import sthist as st
+
+    adata = ad.read_h5ad(args.input)
+    if args.library_key is None and "section" in adata.obs:
+        args.library_key = "section"
+    _prepare(adata, args, patch_size=args.patch_size, mpp=args.mpp)
+    layer = args.layer
+    if layer is None:
+        st.pp.normalize_expression(
+            adata, flavor=args.normalize, genes=args.genes if args.normalize == "hist2st" else None
+        )
+        layer = "targets"
+    split = lambda text: [t for t in text.split(",") if t]  # noqa: E731
+    res = st.tl.benchmark(
+        adata,
+        methods="all" if args.methods == "all" else split(args.methods),
+        baselines=split(args.baselines),
+        reference=args.reference,
+        groupby=args.groupby,
+        folds=None if args.folds is None else split(args.folds),
+        seeds=args.seeds,
+        layer=layer,
+        genes=args.genes,
+        encoder=args.encoder,
+        library_key=args.library_key,
+        fit_kwargs={"max_epochs": args.max_epochs} if args.max_epochs else None,
+        progress=not args.no_progress,
+    )
+    res.save(args.out)
+    fig = st.pl.benchmark(res, return_fig=True)
+    fig.savefig(args.out / "benchmark.png", dpi=150, bbox_inches="tight")
+    print(res.comparison.to_string(index=False))
+    print(f"wrote the tables and benchmark.png to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sthist`` command."""
     from . import __version__
@@ -279,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_predict_slide(sub)
     _add_evaluate(sub)
+    _add_benchmark(sub)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._benchmark import benchmark
 from ._plots import gene_correlation, predicted_vs_true, scores, training_history
 
-__all__ = ["gene_correlation", "predicted_vs_true", "scores", "training_history"]
+__all__ = ["benchmark", "gene_correlation", "predicted_vs_true", "scores", "training_history"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._engine.plan import Optim, Schedule, Stage, TrainPlan
+from ._benchmark import BenchmarkResult, benchmark
 from ._cv import cross_validate
 from ._fit import fit_contrastive
+from ._knn import fit_knn
 from ._predict import predict_expression
 from ._registry import methods
 from ._ridge import fit_ridge
@@ -16,6 +18,7 @@ from ._utils import load_model
 
 if TYPE_CHECKING:
     from .._engine.base import BaseModel, ModelInputs
+    from .._engine.knn import KNNModel
     from .._engine.model import ContrastiveModel
     from .._engine.ridge import RidgeModel
 
@@ -24,6 +27,7 @@ _LAZY = {
     "ModelInputs": "base",
     "Prediction": "base",
     "ContrastiveModel": "model",
+    "KNNModel": "knn",
     "RidgeModel": "ridge",
 }
 
@@ -39,7 +43,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "BaseModel",
+    "BenchmarkResult",
     "ContrastiveModel",
+    "KNNModel",
     "ModelInputs",
     "Optim",
     "Prediction",
@@ -47,8 +53,10 @@ __all__ = [
     "Schedule",
     "Stage",
     "TrainPlan",
+    "benchmark",
     "cross_validate",
     "fit_contrastive",
+    "fit_knn",
     "fit_ridge",
     "load_model",
     "methods",

@@ -1,22 +1,286 @@
-"""`cross_validate`: leave-one-group-out evaluation of any method, with out-of-fold predictions."""
+"""`cross_validate`: leave-one-group-out evaluation of any method, with out-of-fold predictions.
+
+The folds are prepared once (:func:`prepare_folds`: expression, image features computed once, group labels) and
+run by :func:`run_folds` for one method and seed; :func:`sthist.tl.benchmark` runs the same folds for several
+methods and seeds, so there is one protocol. In every fold the gene sets of the metrics (top HEG and HVG, the
+genes of the gene-gene correlation) are chosen on the **training** groups, and the held-out spots are scored per
+section (the mean over sections, the primary numbers) and pooled over all held-out sections (``*_pooled``).
+"""
 
 from __future__ import annotations
 
 import time
+import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import _constants as C
-from .._anndata import get_matrix, get_patches, image_features, record
+from .._anndata import get_matrix, get_patches, image_features, record, uns_params
 from .._docs import inject_docs
 from .._logging import info
-from .._validate import check_adata
+from .._validate import check_adata, check_positive_int
 from ._fit import DEFAULT_ENCODER
 
 if TYPE_CHECKING:
     import pandas as pd
     from anndata import AnnData
+
+#: Metrics of every fold: per section (mean over the held-out sections) and pooled over them.
+FOLD_METRICS = ("pcc_all", "pcc_heg", "pcc_hvg", "gene_corr", "mse", "mae")
+
+
+@dataclass
+class Folds:
+    """The folds of a leave-one-group-out evaluation, prepared once for any number of methods and seeds."""
+
+    work: AnnData
+    groupby: str
+    labels: np.ndarray
+    folds: list[str]
+    gene_names: list[str]
+    splits: dict[str, str]
+    fit_kwargs: dict[str, Any]
+    features_key: str | None
+    normalisation: str
+    library_key: str
+    n_top: int
+    held_out_spots: dict[str, int] = field(default_factory=dict)
+
+
+def _split_labels(adata: AnnData, labels: np.ndarray, folds: list[str], groupby: str) -> dict[str, str]:
+    """``'across patients'`` or ``'within patient'`` for every held-out group (a patient on both sides)."""
+    if groupby == C.PATIENT_KEY or C.PATIENT_KEY not in adata.obs:
+        return dict.fromkeys(folds, "across patients" if groupby == C.PATIENT_KEY else "unknown patients")
+    patients = adata.obs[C.PATIENT_KEY].astype(str).to_numpy()
+    out = {}
+    for fold in folds:
+        test = labels == fold
+        shared = set(patients[test]) & set(patients[~test])
+        out[fold] = "within patient" if shared else "across patients"
+    if any(v == "within patient" for v in out.values()):
+        warnings.warn(
+            f"groupby={groupby!r} puts spots of one patient in the training and the held-out groups "
+            f"({sorted(f for f, v in out.items() if v == 'within patient')}): these folds are labelled 'within "
+            f"patient'. To measure generalisation to new patients, use groupby={C.PATIENT_KEY!r}.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return out
+
+
+def prepare_folds(
+    adata: AnnData,
+    *,
+    groupby: str,
+    folds: Any = None,
+    layer: str | None,
+    genes: Any,
+    patches_key: str,
+    features_key: str | None,
+    encoder: str,
+    spatial_key: str,
+    library_key: str | None,
+    n_top: int,
+    fit_kwargs: dict[str, Any] | None,
+    progress: bool,
+    nonnegative: bool = True,
+) -> Folds:
+    """Check the input and prepare the folds (features of a frozen encoder are computed once, here)."""
+    import anndata as ad
+    import pandas as pd
+
+    if not isinstance(groupby, str) or groupby not in adata.obs:
+        raise KeyError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
+    labels = adata.obs[groupby].astype(str).to_numpy()
+    groups = list(dict.fromkeys(labels))
+    if len(groups) < 2:
+        raise ValueError(
+            f"adata.obs[{groupby!r}] has {len(groups)} group(s) ({groups}); leave-one-out needs at least two."
+        )
+    if folds is None:
+        folds = groups
+    else:
+        folds = [folds] if isinstance(folds, str) else [str(f) for f in folds]
+        unknown = [f for f in folds if f not in groups]
+        if unknown or not folds:
+            raise ValueError(f"folds={folds!r} must name groups of adata.obs[{groupby!r}]: {groups}.")
+    counts = {f: int((labels == f).sum()) for f in folds}
+    small = {f: c for f, c in counts.items() if c < 2}
+    if small:
+        raise ValueError(f"held-out group(s) {small} have fewer than the 2 spots a score needs; drop them first.")
+    library_key = groupby if library_key is None else library_key
+    if library_key not in adata.obs:
+        raise KeyError(f"library_key={library_key!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
+    n_top = check_positive_int("n_top", n_top)
+    expr, gene_names = get_matrix(adata, layer=layer, genes=genes, nonnegative=nonnegative)
+    fit_kwargs = dict(fit_kwargs or {})
+    finetune = bool(fit_kwargs.get("finetune", False))
+    auto: dict[str, Any] = {}  # what every fold's fit gets besides the caller's fit_kwargs
+
+    # one lightweight AnnData holding just what the folds need; features computed once
+    obsm: dict[str, Any] = {}
+    uns: dict[str, Any] = {}
+    if spatial_key in adata.obsm:
+        obsm[C.SPATIAL_KEY] = np.asarray(adata.obsm[spatial_key])
+    used_features = None
+    if finetune:
+        obsm[C.PATCHES_KEY] = get_patches(adata, patches_key=patches_key)
+        if isinstance(adata.uns.get(patches_key), dict):
+            uns[C.PATCHES_KEY] = adata.uns[patches_key]
+    else:
+        feats = image_features(
+            adata,
+            encoder=encoder,
+            pretrained=fit_kwargs.get("pretrained", False),
+            checkpoint=fit_kwargs.get("checkpoint"),
+            patches_key=patches_key,
+            features_key=features_key,
+            progress=progress,
+        )
+        obsm[feats.key] = feats.values
+        uns[feats.key] = {"params": feats.params}
+        used_features = feats.key
+        auto["features_key"] = feats.key
+        auto["encoder"] = feats.params.get("encoder") or encoder
+    work = ad.AnnData(
+        X=expr,
+        obs=pd.DataFrame(
+            {groupby: labels, "_library": adata.obs[library_key].astype(str).to_numpy()}, index=adata.obs_names.copy()
+        ),
+        var=pd.DataFrame(index=pd.Index(gene_names)),
+        obsm=obsm,
+        uns=uns,
+    )
+    norm = uns_params(adata, layer) if layer is not None else {}
+    normalisation = str(norm.get("flavor", "")) or ("X" if layer is None else f"layers[{layer!r}]")
+    return Folds(
+        work=work,
+        groupby=groupby,
+        labels=labels,
+        folds=folds,
+        gene_names=gene_names,
+        splits=_split_labels(adata, labels, folds, groupby),
+        fit_kwargs=auto,
+        features_key=used_features,
+        normalisation=normalisation,
+        library_key=library_key,
+        n_top=n_top,
+        held_out_spots=counts,
+    )
+
+
+def _train_gene_sets(train: AnnData, n_top: int) -> dict[str, list[str]]:
+    """Top ``n_top`` genes by mean (HEG, also the gene-gene correlation genes) and by variance (HVG) on ``train``."""
+    x = np.asarray(train.X, dtype=np.float64)
+    names = np.asarray(train.var_names)
+    heg = names[np.argsort(-x.mean(0), kind="stable")[:n_top]].tolist()
+    hvg = names[np.argsort(-x.var(0), kind="stable")[:n_top]].tolist()
+    return {"heg": heg, "hvg": hvg, "gene_corr": heg}
+
+
+def _model_config(model: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a fold's model ran with: recipe, retrieval settings, encoder and patch geometry."""
+    inputs = model.inputs
+    cfg: dict[str, Any] = {
+        "encoder": inputs.encoder,
+        "frozen": not inputs.finetuned,
+        "patch_size": inputs.patch_size,
+        "mpp": inputs.mpp,
+        "k": settings.get("k"),
+        "weighting": settings.get("weighting"),
+    }
+    plan = getattr(model, "config", {}).get("plan") if hasattr(model, "config") else None
+    if plan:
+        stages = plan["stages"]
+        cfg.update(
+            optimizer=plan["optimizer"]["name"],
+            lr=plan["optimizer"]["lr"],
+            schedule=plan["schedule"]["name"],
+            batch_size=plan["batch_size"],
+            epochs=sum(s["epochs"] for s in stages),
+            stages=len(stages),
+            select_on=plan["select_on"],
+        )
+    return cfg
+
+
+def run_folds(
+    prep: Folds,
+    method: str,
+    *,
+    random_state: int = 0,
+    k: int | None = None,
+    weighting: str | None = None,
+    fit_kwargs: dict[str, Any] | None = None,
+    strict: bool = True,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, pd.Series]]:
+    """Fit ``method`` on every fold's training groups and score the held-out group.
+
+    ``fit_kwargs`` go to the method's fit function; one it does not take raises (``strict``) or is dropped (the
+    benchmark gives one set of options to methods and baselines alike).
+
+    Returns the table (one row per fold), the out-of-fold predictions (n_obs, n_genes; NaN outside the folds) and,
+    per fold, the per-gene Pearson r averaged over the held-out sections.
+    """
+    import pandas as pd
+
+    from ._predict import predict_expression
+    from ._registry import fit_predictor, get_predictor
+    from ._score import score_prediction
+
+    predictor = get_predictor(method)
+    auto = {**prep.fit_kwargs, "library_key": "_library", "progress": progress, "random_state": random_state}
+    kwargs = dict(fit_kwargs or {})
+    if not strict:
+        kwargs = {key: val for key, val in kwargs.items() if predictor.accepts(key)}
+    for key, value in auto.items():
+        if predictor.accepts(key):
+            kwargs.setdefault(key, value)
+    work, labels = prep.work, prep.labels
+    oof = np.full(work.shape, np.nan, dtype=np.float32)
+    rows, per_gene = [], {}
+    for fold in prep.folds:
+        t0 = time.perf_counter()
+        test = labels == fold
+        train_ad, test_ad = work[~test].copy(), work[test].copy()
+        model = fit_predictor(train_ad, method, **kwargs)
+        predict_expression(
+            test_ad,
+            model,
+            k=k,
+            weighting=weighting,
+            features_key=prep.features_key,
+            library_key="_library",
+            key_added="oof",
+            progress=False,
+        )
+        settings = model.prediction_settings(k=k, weighting=weighting)
+        oof[test] = test_ad.layers["oof"]
+        sets = _train_gene_sets(train_ad, prep.n_top)
+        score_prediction(
+            test_ad, layer="oof", true_layer=None, groupby="_library", gene_sets=sets, n_top=prep.n_top, key_added="s"
+        )
+        scores = test_ad.uns["s"]
+        sections = pd.DataFrame.from_dict(dict(scores["per_group"]), orient="index")
+        row: dict[str, Any] = {"fold": fold, "method": method, "seed": int(random_state), "split": prep.splits[fold]}
+        for metric in FOLD_METRICS:
+            row[metric] = float(sections[metric].mean()) if metric in sections else float("nan")
+        for metric in FOLD_METRICS:
+            row[f"{metric}_pooled"] = float(scores["summary"][metric])
+        row.update(
+            n_obs=int(test.sum()),
+            n_sections=len(sections),
+            seconds=round(time.perf_counter() - t0, 3),
+            **_model_config(model, settings),
+        )
+        rows.append(row)
+        r = test_ad.varm["s_pearson"]
+        per_gene[fold] = pd.Series(np.nanmean(r.to_numpy(), axis=1) if r.shape[1] else np.nan, index=r.index)
+        info(f"    {method!r} seed {random_state}, held out {fold!r}: {int(test.sum())} spots in {row['seconds']} s")
+    return pd.DataFrame(rows), oof, per_gene
 
 
 @inject_docs
@@ -25,6 +289,7 @@ def cross_validate(
     *,
     groupby: str = C.SECTION_KEY,
     method: str = "bleep",
+    folds: Any = None,
     layer: str | None = None,
     genes: Any = None,
     patches_key: str = C.PATCHES_KEY,
@@ -43,19 +308,26 @@ def cross_validate(
 ) -> pd.DataFrame:
     """Leave-one-group-out cross-validation: train on all groups but one, predict the held-out one.
 
-    Use ``groupby="section"`` to hold out sections or ``groupby="patient"`` to hold out patients (the honest
-    choice when claiming generalisation to new patients: serial sections of one patient share a lot).
-    Image features of a frozen encoder are computed once and shared by all folds.
+    Use ``groupby="patient"`` to hold out patients (the honest choice when claiming generalisation to new
+    patients) or ``groupby="section"`` to hold out sections; a split that puts spots of one patient on both sides
+    is labelled ``'within patient'`` in the ``split`` column, with a warning. Image features of a frozen encoder are
+    computed once and shared by all folds. In every fold the genes of the HEG, HVG and gene-gene correlation
+    metrics are chosen on the training groups (never on the held-out truth); the held-out group is scored per
+    section (the mean over its sections) and pooled over its sections (``*_pooled``): papers differ on this, and
+    it moves numbers. For several methods and seeds with paired statistics, use :func:`sthist.tl.benchmark`.
 
     Parameters
     ----------
     {adata}
     groupby
-        Column of ``adata.obs`` whose values define the folds (at least two).
+        Column of ``adata.obs`` whose values define the folds (at least two groups).
     method
         A registered method or baseline (:func:`sthist.tl.methods`): a contrastive method of
-        :func:`sthist.tl.fit_contrastive` (``'bleep'``, ...) or ``'ridge'`` (the HEST linear probe,
-        :func:`sthist.tl.fit_ridge`).
+        :func:`sthist.tl.fit_contrastive` (``'bleep'``, ...), ``'ridge'`` (:func:`sthist.tl.fit_ridge`) or
+        ``'knn'`` (:func:`sthist.tl.fit_knn`).
+    folds
+        The groups to hold out, one fold each (e.g. ``['B']`` with ``groupby='patient'``: train on the other
+        patients, test on B); ``None``: every group.
     {layer}
         The same layer is the training target and the truth the predictions are scored against.
     {genes}
@@ -66,129 +338,72 @@ def cross_validate(
     spatial_key
         ``adata.obsm`` key of the coordinates, for neighbour-based methods.
     library_key
-        Column of ``adata.obs`` with each spot's section, so that neighbour-based methods never join spots of
-        different sections; ``None`` uses ``groupby`` (right when holding out sections; pass ``"section"`` when
-        ``groupby="patient"``).
+        Column of ``adata.obs`` with each spot's section: neighbour-based methods never join spots of different
+        sections, and held-out groups are scored per section. ``None`` uses ``groupby`` (right when holding out
+        sections; pass ``"section"`` when ``groupby="patient"``).
     n_top
-        Size of the highly expressed / highly variable gene sets of the scores.
+        Size of the highly expressed / highly variable gene sets, chosen on the training groups of each fold.
     {random_state}
     {progress}
     key_added
         Name of the out-of-fold prediction layer and of the ``uns`` entry.
     fit_kwargs
         More keyword arguments for the method's fit function (:func:`sthist.tl.fit_contrastive`,
-        :func:`sthist.tl.fit_ridge`), e.g. ``dict(max_epochs=50)``; one it does not take raises, unless unset.
+        :func:`sthist.tl.fit_ridge`, ...), e.g. ``dict(max_epochs=50)``; one it does not take raises, unless unset.
     inplace
         Write the out-of-fold predictions and the scores into ``adata`` (below); ``False`` leaves ``adata``
         unchanged and only returns the table.
 
     Returns
     -------
-    A tidy :class:`~pandas.DataFrame` with one row per held-out group (``fold``) and the metrics of
-    :func:`sthist.tl.score_prediction` (``pcc_all``, ``pcc_heg``, ``pcc_hvg``, ``gene_corr``, ``mse``, ``mae``),
-    ``n_obs``, ``seconds`` and ``method``. With ``inplace=True`` (the default) also writes
+    A tidy :class:`~pandas.DataFrame` with one row per held-out group (``fold``): ``method``, ``seed``, ``split``
+    (``'within patient'`` or ``'across patients'``), the metrics of :func:`sthist.tl.score_prediction` per section
+    (``pcc_all``, ``pcc_heg``, ``pcc_hvg``, ``gene_corr``, ``mse``, ``mae``: means over the held-out sections) and
+    pooled (the same names with ``_pooled``), ``n_obs``, ``n_sections``, ``seconds`` and the configuration of the
+    fold's model (encoder, frozen, patch size, µm/px, retrieval ``k`` and ``weighting``, and for contrastive
+    methods the optimiser, lr, schedule, batch size, epochs, stages and model selection). With ``inplace=True``
+    (the default) also writes
 
     ``adata.layers['cv_predicted' | key_added]``
-        out-of-fold predictions (each spot predicted by the model that did not see its group).
+        out-of-fold predictions (each spot predicted by the model that did not see its group; NaN outside
+        ``folds``).
     ``adata.var['cv_predicted_modelled']``
         genes that were modelled.
     ``adata.uns['cv_predicted']``
         ``params`` and ``scores`` (the returned table as a dict of columns).
     """
-    import anndata as ad
-    import pandas as pd
-
-    from ._predict import predict_expression
-    from ._registry import fit_predictor, get_predictor
-    from ._score import score_prediction
+    from ._registry import get_predictor
 
     check_adata(adata, fn="sthist.tl.cross_validate")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}.")
-    if groupby not in adata.obs:
-        raise KeyError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
-    labels = adata.obs[groupby].astype(str).to_numpy()
-    library_key = groupby if library_key is None else library_key
-    if library_key not in adata.obs:
-        raise KeyError(f"library_key={library_key!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
-    libraries = adata.obs[library_key].astype(str).to_numpy()
-    folds = list(dict.fromkeys(labels))
-    if len(folds) < 2:
-        raise ValueError(f"adata.obs[{groupby!r}] has {len(folds)} group(s); leave-one-out needs at least two.")
     predictor = get_predictor(method)
-    expr, gene_names = get_matrix(adata, layer=layer, genes=genes, nonnegative=predictor.kind == "contrastive")
-    fit_kwargs = dict(fit_kwargs or {})
-    finetune = bool(fit_kwargs.get("finetune", False))
-
-    # one lightweight AnnData holding just what the folds need; features computed once
-    obsm: dict[str, Any] = {}
-    uns: dict[str, Any] = {}
-    if spatial_key in adata.obsm:
-        obsm[C.SPATIAL_KEY] = np.asarray(adata.obsm[spatial_key])
-    if finetune:
-        obsm[C.PATCHES_KEY] = get_patches(adata, patches_key=patches_key)
-        if isinstance(adata.uns.get(patches_key), dict):
-            uns[C.PATCHES_KEY] = adata.uns[patches_key]
-    else:
-        feats = image_features(
-            adata,
-            encoder=encoder,
-            pretrained=fit_kwargs.get("pretrained", False),
-            checkpoint=fit_kwargs.get("checkpoint"),
-            patches_key=patches_key,
-            features_key=features_key,
-            progress=progress,
-        )
-        obsm[feats.key] = feats.values
-        uns[feats.key] = {"params": feats.params}
-        fit_kwargs["features_key"] = feats.key
-    work = ad.AnnData(
-        X=expr,
-        obs=pd.DataFrame({groupby: labels, "_library": libraries}, index=adata.obs_names.copy()),
-        var=pd.DataFrame(index=pd.Index(gene_names)),
-        obsm=obsm,
-        uns=uns,
+    prep = prepare_folds(
+        adata,
+        groupby=groupby,
+        folds=folds,
+        layer=layer,
+        genes=genes,
+        patches_key=patches_key,
+        features_key=features_key,
+        encoder=encoder,
+        spatial_key=spatial_key,
+        library_key=library_key,
+        n_top=n_top,
+        fit_kwargs=fit_kwargs,
+        progress=progress,
+        nonnegative=predictor.kind == "contrastive",
     )
-    defaults = {"library_key": "_library", "progress": progress, "random_state": random_state}
-    if not finetune:
-        defaults["encoder"] = encoder
-    for key, value in defaults.items():
-        if predictor.accepts(key):
-            fit_kwargs.setdefault(key, value)
-    oof = np.full(expr.shape, np.nan, dtype=np.float32)
-    seconds: dict[str, float] = {}
-    start = info(f"cross-validating {method!r} over {len(folds)} groups of {groupby!r}")
-    for fold in folds:
-        t0 = time.perf_counter()
-        test = labels == fold
-        train_ad = work[~test].copy()
-        test_ad = work[test].copy()
-        model = fit_predictor(train_ad, method, **fit_kwargs)
-        predict_expression(
-            test_ad,
-            model,
-            k=k,
-            weighting=weighting,
-            features_key=fit_kwargs.get("features_key"),
-            library_key="_library",
-            key_added="oof",
-            progress=False,
-        )
-        oof[test] = test_ad.layers["oof"]
-        seconds[fold] = round(time.perf_counter() - t0, 3)
-        info(f"    held out {fold!r}: {int(test.sum())} spots in {seconds[fold]} s")
-
-    work.layers["oof"] = oof
-    table = score_prediction(work, layer="oof", true_layer=None, groupby=groupby, n_top=n_top, inplace=False)
-    table = table.drop(index="all", errors="ignore").rename_axis("fold").reset_index()
-    table.insert(1, "method", method)
-    table["seconds"] = table["fold"].map(seconds)
+    start = info(f"cross-validating {method!r} over {len(prep.folds)} held-out groups of {groupby!r}")
+    table, oof, _ = run_folds(
+        prep, method, random_state=random_state, k=k, weighting=weighting, fit_kwargs=fit_kwargs, progress=progress
+    )
     if not inplace:
         info("    finished", time=start)
         return table
 
     full = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
-    cols = adata.var_names.get_indexer(gene_names)
+    cols = adata.var_names.get_indexer(prep.gene_names)
     full[:, cols] = oof
     adata.layers[key_added] = full
     modelled = np.zeros(adata.n_vars, dtype=bool)
@@ -200,16 +415,19 @@ def cross_validate(
         {
             "params": {
                 "groupby": groupby,
-                "library_key": library_key,
+                "folds": prep.folds,
+                "library_key": prep.library_key,
                 "method": method,
                 "layer": layer,
                 "encoder": encoder,
                 "k": k,
                 "weighting": weighting,
                 "random_state": random_state,
+                "n_top": prep.n_top,
+                "gene_sets": "top n_top HEG / HVG chosen on the training groups of each fold",
             },
-            "scores": {c: table[c].to_numpy() for c in table.columns if c not in {"fold", "method"}}
-            | {"fold": table["fold"].astype(str).tolist()},
+            "scores": {c: table[c].to_numpy() for c in table.columns if table[c].dtype.kind in "fiub"}
+            | {c: table[c].astype(str).tolist() for c in table.columns if table[c].dtype.kind not in "fiub"},
         },
     )
     info("    finished", time=start)

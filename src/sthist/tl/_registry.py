@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._knn import fit_knn
 from ._ridge import fit_ridge
 
 if TYPE_CHECKING:
@@ -36,6 +37,10 @@ class Predictor:
 #: Baselines: predictors without contrastive training (name -> (description, fit function)).
 BASELINES: dict[str, tuple[str, Callable[..., Any]]] = {
     "ridge": ("HEST-Benchmark linear probe: standardise, PCA(256), ridge on frozen encoder features", fit_ridge),
+    "knn": (
+        "Raw-feature kNN: average of the 50 nearest training spots in the frozen feature space, no training",
+        fit_knn,
+    ),
 }
 
 
@@ -105,7 +110,7 @@ def methods() -> pd.DataFrame:
         row: dict[str, Any] = {"name": name, "kind": pred.kind, "description": pred.description}
         cls = METHODS.get(name)
         if cls is None:
-            row.update(prediction="regression", needs_coords=False)
+            row.update(prediction="retrieval" if name == "knn" else "regression", needs_coords=False)
         else:
             plan = cls.recipe
             stages = plan.resolved_stages()

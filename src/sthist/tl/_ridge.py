@@ -17,6 +17,8 @@ from ._utils import model_record
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from .._anndata import Features
+    from .._engine.base import ModelInputs
     from .._engine.ridge import RidgeModel
 
 DEFAULT_ENCODER = "hed-texture"
@@ -31,6 +33,44 @@ def _seed(random_state: Any) -> int | None:
     if isinstance(random_state, bool) or not isinstance(random_state, int | np.integer):
         raise TypeError(f"random_state must be an int, a numpy Generator or None, got {type(random_state).__name__}.")
     return int(random_state)
+
+
+def frozen_inputs(
+    adata: AnnData,
+    *,
+    features_key: str | None,
+    encoder: str,
+    pretrained: bool,
+    checkpoint: str | Path | None,
+    patches_key: str,
+    device: str | None,
+    progress: bool,
+) -> tuple[Features, ModelInputs]:
+    """Features of a frozen encoder (given by ``features_key``, cached, or computed) and the inputs they record."""
+    from .._engine.base import ModelInputs
+
+    feats = image_features(
+        adata,
+        encoder="" if features_key is not None else encoder,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        patches_key=patches_key,
+        features_key=features_key,
+        device=device,
+        progress=progress,
+    )
+    p = feats.params
+    size, mpp = patch_geometry(adata, patches_key if feats.computed else feats.key)
+    inputs = ModelInputs(
+        encoder=str(p.get("encoder") or ""),
+        pretrained=bool(p.get("pretrained")),
+        checkpoint=p.get("checkpoint") or None,
+        weights_sha256=p.get("weights_sha256") or None,
+        feature_dim=int(feats.values.shape[1]),
+        patch_size=size,
+        mpp=mpp,
+    )
+    return feats, inputs
 
 
 @inject_docs
@@ -105,35 +145,23 @@ def fit_ridge(
     ``adata.obsm['X_<encoder>']``
         the embeddings, when they were computed here.
     """
-    from .._engine.base import ModelInputs
     from .._engine.ridge import fit_ridge as engine_fit
 
     fn = "sthist.tl.fit_ridge"
     check_adata(adata, fn=fn)
     n_components = check_positive_int("n_components", n_components)
     seed = _seed(random_state)
-    feats = image_features(
+    feats, inputs = frozen_inputs(
         adata,
-        encoder="" if features_key is not None else encoder,
+        features_key=features_key,
+        encoder=encoder,
         pretrained=pretrained,
         checkpoint=checkpoint,
         patches_key=patches_key,
-        features_key=features_key,
         device=device,
         progress=progress,
     )
     y, gene_names = get_matrix(adata, layer=layer, genes=genes, nonnegative=False, what="target")
-    p = feats.params
-    size, mpp = patch_geometry(adata, patches_key if feats.computed else feats.key)
-    inputs = ModelInputs(
-        encoder=str(p.get("encoder") or ""),
-        pretrained=bool(p.get("pretrained")),
-        checkpoint=p.get("checkpoint") or None,
-        weights_sha256=p.get("weights_sha256") or None,
-        feature_dim=int(feats.values.shape[1]),
-        patch_size=size,
-        mpp=mpp,
-    )
     n, d = feats.values.shape
     k = min(n_components, n, d)
     if k < n_components:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,6 +133,26 @@ def _top(score: np.ndarray, n_top: int, eligible: np.ndarray | None = None) -> n
     return np.sort(order[:n_top])
 
 
+def _gene_sets(gene_sets: Mapping[str, Sequence[str]] | None, scored: pd.Index, *, fn: str) -> dict[str, np.ndarray]:
+    """Positions among the scored genes of the sets named in ``gene_sets`` (unscored names are left out)."""
+    if gene_sets is None:
+        return {}
+    if not isinstance(gene_sets, Mapping):
+        raise TypeError(f"{fn}: gene_sets must be a mapping such as {{'heg': [...], 'hvg': [...]}}, got {gene_sets!r}.")
+    unknown = sorted(set(gene_sets) - {"heg", "hvg", "gene_corr"})
+    if unknown:
+        raise ValueError(f"{fn}: gene_sets names {unknown}; valid: ['heg', 'hvg', 'gene_corr'].")
+    out = {}
+    for name, genes in gene_sets.items():
+        if isinstance(genes, str):
+            raise TypeError(f"{fn}: gene_sets[{name!r}] must be a list of gene names, not a string.")
+        pos = scored.get_indexer([str(g) for g in genes])
+        if (pos >= 0).sum() == 0:
+            raise ValueError(f"{fn}: none of the genes of gene_sets[{name!r}] is scored; check the names.")
+        out[name] = np.sort(np.unique(pos[pos >= 0]))
+    return out
+
+
 def _summarise(st: dict[str, Any], sets: dict[str, np.ndarray | None]) -> dict[str, Any]:
     r = st["r"]
     row: dict[str, Any] = {
@@ -164,6 +184,7 @@ def score_prediction(
     groupby: str | None = None,
     markers: Sequence[str] | None = None,
     n_top: int = 50,
+    gene_sets: Mapping[str, Sequence[str]] | None = None,
     key_added: str | None = None,
     inplace: bool = True,
 ) -> pd.DataFrame | None:
@@ -200,6 +221,8 @@ def score_prediction(
 
     The gene sets (HEG, HVG, gene-gene genes) are chosen once on all evaluated spots and kept for the groups, so
     the per-group numbers compare like with like; the per-gene r and all means are recomputed within each group.
+    Choosing them on the spots being scored uses the truth of the test data; an honest benchmark chooses them on
+    the training data and passes them as ``gene_sets`` (as :func:`sthist.tl.cross_validate` does per fold).
 
     Parameters
     ----------
@@ -215,6 +238,10 @@ def score_prediction(
         Marker genes for ``pcc_markers``.
     n_top
         Number of genes in the HEG, HVG and gene-gene correlation sets.
+    gene_sets
+        The sets chosen elsewhere, e.g. on training data: a mapping with any of ``'heg'``, ``'hvg'`` and
+        ``'gene_corr'`` to gene names (genes that are not scored are left out; ``'gene_corr'`` defaults to
+        ``'heg'``). Sets not given are chosen on the evaluated spots as above.
     key_added
         Name of the outputs; defaults to the value of ``layer`` followed by ``'_scores'``.
     inplace
@@ -229,6 +256,8 @@ def score_prediction(
 
     ``adata.var[key_added + '_pearson']``
         per-gene r over all evaluated spots (NaN where not evaluated).
+    ``adata.varm[key_added + '_pearson']``
+        with ``groupby``: a genes x groups DataFrame of the per-gene r within each group.
     ``adata.uns[key_added]``
         ``'summary'`` (the ``'all'`` row as a dict), ``'per_group'`` (dict of dicts, empty without ``groupby``),
         ``'gene_corr_true'`` and ``'gene_corr_pred'`` (the two gene-gene correlation matrices),
@@ -297,9 +326,14 @@ def score_prediction(
         marker_pos = np.unique(pos[pos >= 0])
 
     overall = _stats(true, pred, rows, cols, None)
-    heg = _top(overall["mean_true"], n_top)
-    hvg = _top(overall["var_true"], n_top)
-    gc = _top(overall["mean_true"], n_top, eligible=np.isfinite(overall["r"]))
+    given = _gene_sets(gene_sets, pd.Index(adata.var_names[cols]), fn=fn)
+    heg = given.get("heg", _top(overall["mean_true"], n_top))
+    hvg = given.get("hvg", _top(overall["var_true"], n_top))
+    if "gene_corr" in given or "heg" in given:
+        gc = given.get("gene_corr", given.get("heg"))
+        gc = gc[np.isfinite(overall["r"][gc])]
+    else:
+        gc = _top(overall["mean_true"], n_top, eligible=np.isfinite(overall["r"]))
     # gene-gene matrices in the order of the genes' means (highest first); plots reorder by clustering
     gc = gc[np.argsort(-overall["mean_true"][gc], kind="stable")]
     sets = {"heg": heg, "hvg": hvg, "markers": marker_pos}
@@ -314,6 +348,7 @@ def score_prediction(
         )
 
     per_group: dict[str, dict[str, Any]] = {}
+    group_r: dict[str, np.ndarray] = {}
     if groupby is not None:
         labels = adata.obs[groupby]
         groups = labels.cat.categories if isinstance(labels.dtype, pd.CategoricalDtype) else pd.unique(labels)
@@ -323,7 +358,9 @@ def score_prediction(
             if g_rows.size < 2:
                 logg.info(f"    group {grp!r} has {g_rows.size} scored spot(s); skipped")
                 continue
-            per_group[str(grp)] = _summarise(_stats(true, pred, g_rows, cols, gc), sets)
+            g_stats = _stats(true, pred, g_rows, cols, gc)
+            per_group[str(grp)] = _summarise(g_stats, sets)
+            group_r[str(grp)] = g_stats["r"]
 
     table = pd.DataFrame.from_dict({"all": summary, **per_group}, orient="index")
     metric_cols = [m for m in _METRICS if m in table.columns]
@@ -340,6 +377,11 @@ def score_prediction(
     pearson = np.full(adata.n_vars, np.nan)
     pearson[cols] = overall["r"]
     adata.var[Key.pearson(key_added)] = pearson
+    if groupby is not None:
+        frame = pd.DataFrame(np.nan, index=adata.var_names.copy(), columns=list(group_r), dtype=float)
+        for grp, r in group_r.items():
+            frame.iloc[cols, frame.columns.get_loc(grp)] = r
+        adata.varm[Key.pearson(key_added)] = frame
     adata.uns[key_added] = {
         "summary": to_uns(summary),
         "per_group": to_uns(per_group),
@@ -354,6 +396,7 @@ def score_prediction(
             else (str(genes) if isinstance(genes, str | Path) else [str(g) for g in genes]),
             "groupby": "" if groupby is None else groupby,
             "n_top": n_top,
+            "gene_sets": "chosen on the scored spots" if not given else f"given: {sorted(given)}",
             **({} if markers is None else {"markers": list(markers)}),
             "n_spots_scored": int(rows.size),
             "n_genes_modelled": int(cols.size),

@@ -1,0 +1,111 @@
+"""`fit_knn`: the raw-feature kNN baseline (no training): the control for every retrieval method."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import _logging as logg
+from .._anndata import get_matrix, record
+from .._docs import inject_docs
+from .._validate import check_adata, check_positive_int
+from ._ridge import DEFAULT_ENCODER, frozen_inputs
+from ._utils import model_record
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from .._engine.knn import KNNModel
+
+KNN_KEY = "knn"
+
+
+@inject_docs
+def fit_knn(
+    adata: AnnData,
+    *,
+    features_key: str | None = None,
+    layer: str | None = None,
+    genes: Sequence[str] | str | None = None,
+    encoder: str = DEFAULT_ENCODER,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    patches_key: str = "patches",
+    k: int = 50,
+    save_dir: str | Path | None = None,
+    key_added: str = KNN_KEY,
+    device: str | None = None,
+    progress: bool = True,
+) -> KNNModel:
+    """Fit the raw-feature kNN baseline: no training, the control for every retrieval method.
+
+    A query spot's prediction is the average expression of its ``k`` nearest training spots in the frozen
+    encoder's own feature space (Euclidean distance after standardising each feature with the training mean and
+    standard deviation). A contrastive retrieval method (BLEEP, mclSTExp, ...) retrieves in a learnt space; if it
+    does not beat this, its training has not helped.
+
+    Parameters
+    ----------
+    {adata}
+        It needs patches (:func:`sthist.pp.extract_patches`) or embeddings (:func:`sthist.pp.embed_patches`).
+    features_key
+        ``adata.obsm`` key of the spot features; ``None`` uses the cached embeddings of ``encoder``, else computes
+        them from the patches (and caches them).
+    {layer}
+    {genes}
+    encoder, pretrained, checkpoint
+        The image encoder when ``features_key`` is ``None``, as in :func:`sthist.tl.fit_contrastive`.
+    patches_key
+        ``adata.obsm`` key of the uint8 patches.
+    k
+        Neighbours averaged per query (50, as BLEEP retrieves); capped at the number of training spots.
+    save_dir
+        Also save the model to this folder (replacing a model saved there) and record it in
+        ``adata.uns[key_added]['model_dir']``.
+    key_added
+        Key of the record in ``adata.uns``.
+    device
+        Torch device when features are computed here.
+    {progress}
+
+    Returns
+    -------
+    The :class:`~sthist.tl.KNNModel`; predict with :func:`sthist.tl.predict_expression`. Also writes
+
+    ``adata.uns['knn' | key_added]``
+        ``params`` and the ``model_id`` / ``model_dir`` that :func:`~sthist.tl.predict_expression` finds.
+    ``adata.obsm['X_<encoder>']``
+        the embeddings, when they were computed here.
+    """
+    from .._engine.knn import fit_knn as engine_fit
+
+    check_adata(adata, fn="sthist.tl.fit_knn")
+    k = check_positive_int("k", k)
+    feats, inputs = frozen_inputs(
+        adata,
+        features_key=features_key,
+        encoder=encoder,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        patches_key=patches_key,
+        device=device,
+        progress=progress,
+    )
+    y, gene_names = get_matrix(adata, layer=layer, genes=genes, nonnegative=False, what="target")
+    start = logg.info(f"kNN bank of {adata.n_obs} spots on obsm[{feats.key!r}] (k = {k})")
+    model = engine_fit(feats.values, y, gene_names, inputs=inputs, k=k)
+    if save_dir is not None:
+        model.save(save_dir, overwrite=True)
+    feats.store(adata)
+    params = {
+        "method": "knn",
+        "features_key": feats.key,
+        "layer": layer,
+        "n_genes": len(gene_names),
+        "k": k,
+        "inputs": inputs.to_dict(),
+    }
+    record(adata, key_added, {"params": params, **model_record(model, save_dir=save_dir)})
+    logg.info("    finished", time=start)
+    return model

@@ -14,7 +14,8 @@ targets log10(1 + 1e4 x / library size over the panel) (`normalize_expression(fl
 at 0.5 µm/px (112 µm, HEST's convention); features of the weight-free `hed-texture` encoder computed once.
 
 Writes ``benchmarks/results/her2st_benchmark.json`` (or ``--out``): per protocol the summary, the paired
-comparison and the tidy table, with the wall time of each protocol and of the whole run.
+comparison with the ridge probe and with raw-feature kNN, and the tidy table, with the wall time of each protocol
+and of the whole run.
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ def main(argv=None) -> int:
     doc = {"preprocessing_seconds": prep_seconds, "protocols": {}}
     for name in args.protocols.split(","):
         data, kw = protocols[name]
+        baselines = [b for b in args.baselines.split(",") if b]
         res = st.tl.benchmark(
             data,
             methods=methods,
-            baselines=[b for b in args.baselines.split(",") if b],
+            baselines=baselines,
             seeds=args.seeds,
             layer="targets",
             library_key="section",
@@ -83,12 +85,15 @@ def main(argv=None) -> int:
         cols = ["method", "split", "pcc_all_mean", "pcc_all_std", "pcc_heg_mean", "pcc_heg_std", "gene_corr_mean"]
         print(overall[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(res.comparison.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
+        if "knn" in baselines:
+            print(res.compare("knn").to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
         doc["protocols"][name] = {
             "seconds": res.seconds,
             "seeds": res.seeds,
             "reference": res.reference,
             "summary": json.loads(res.summary.to_json(orient="records")),
             "comparison": json.loads(res.comparison.to_json(orient="records")),
+            "comparison_vs_knn": json.loads(res.compare("knn").to_json(orient="records")) if "knn" in baselines else [],
             "table": json.loads(res.table.to_json(orient="records")),
         }
     doc["total_seconds"] = round(time.perf_counter() - t0, 1)

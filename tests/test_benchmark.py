@@ -97,6 +97,12 @@ def test_paired_statistics(data, extra_baselines):
     assert same["verdict"] == "no difference shown"
     broken = comp.loc[("shuffled", "pcc_all")]
     assert broken["ci_high"] < 0 and broken["verdict"] == "worse" and broken["wins"] == 0 and broken["n"] == 6
+    # against another reference, from the same fits
+    vs_knn = res.compare("knn").set_index(["method", "metric"])
+    assert set(vs_knn.index.get_level_values(0)) == {"ridge", "ridge_copy", "shuffled"}
+    assert vs_knn.loc[("ridge", "pcc_all"), "mean_diff"] == pytest.approx(-comp.loc[("knn", "pcc_all"), "mean_diff"])
+    with pytest.raises(ValueError, match="was not benchmarked"):
+        res.compare("bleep")
 
 
 def test_plot(data, tmp_path):

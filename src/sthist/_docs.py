@@ -31,6 +31,20 @@ DOCS = {
     Show a progress bar for long work.""",
     "random_state": """random_state
     Seed (or :class:`numpy.random.Generator`) that makes the result repeatable.""",
+    "frozen_features": """features_key
+    ``adata.obsm`` key of the spot features, e.g. ``'X_<encoder>'`` written by :func:`sthist.pp.embed_patches`;
+    ``None`` uses the cached embeddings of ``encoder``, else computes them from the patches (and caches them).
+encoder, pretrained, checkpoint
+    The frozen image encoder when ``features_key`` is ``None``, as in :func:`sthist.tl.fit_contrastive`.
+patches_key
+    ``adata.obsm`` key of the uint8 patches.""",
+    "baseline_record": """save_dir
+    Also save the model to this folder (replacing a model saved there) and record it in
+    ``adata.uns[key_added]['model_dir']``.
+key_added
+    Key of the record in ``adata.uns``.
+device
+    Torch device when features are computed here.""",
 }
 
 

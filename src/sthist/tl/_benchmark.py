@@ -94,6 +94,22 @@ class BenchmarkResult:
             f"{self.groupby!r}, seeds {self.seeds}, reference {self.reference!r}, {self.seconds:.0f} s)"
         )
 
+    def compare(self, reference: str, *, n_boot: int = 1000, random_state: int = 0) -> pd.DataFrame:
+        """The paired comparison of every other method against ``reference`` (any benchmarked method), at
+        :attr:`level`; the same statistics as :attr:`comparison`, e.g. ``result.compare("knn")``."""
+        methods = list(dict.fromkeys(m for m, _, _ in self.per_gene))
+        if reference not in methods:
+            raise ValueError(f"reference={reference!r} was not benchmarked; choose one of {methods}.")
+        return paired_comparison(
+            self.per_gene,
+            self.gene_sets,
+            [m for m in methods if m != reference],
+            reference,
+            n_boot=check_positive_int("n_boot", n_boot),
+            level=self.level,
+            random_state=random_state,
+        )
+
     def save(self, dir_path: str | Path) -> None:
         """Write ``table.csv``, ``table.json``, ``summary.csv``, ``summary.json`` and ``comparison.csv`` / ``.json``."""
         path = Path(dir_path)

@@ -49,24 +49,12 @@ def fit_knn(
     ----------
     {adata}
         It needs patches (:func:`sthist.pp.extract_patches`) or embeddings (:func:`sthist.pp.embed_patches`).
-    features_key
-        ``adata.obsm`` key of the spot features; ``None`` uses the cached embeddings of ``encoder``, else computes
-        them from the patches (and caches them).
+    {frozen_features}
     {layer}
     {genes}
-    encoder, pretrained, checkpoint
-        The image encoder when ``features_key`` is ``None``, as in :func:`sthist.tl.fit_contrastive`.
-    patches_key
-        ``adata.obsm`` key of the uint8 patches.
     k
         Neighbours averaged per query (50, as BLEEP retrieves); capped at the number of training spots.
-    save_dir
-        Also save the model to this folder (replacing a model saved there) and record it in
-        ``adata.uns[key_added]['model_dir']``.
-    key_added
-        Key of the record in ``adata.uns``.
-    device
-        Torch device when features are computed here.
+    {baseline_record}
     {progress}
 
     Returns

@@ -110,28 +110,16 @@ def fit_ridge(
     ----------
     {adata}
         It needs patches (:func:`sthist.pp.extract_patches`) or embeddings (:func:`sthist.pp.embed_patches`).
-    features_key
-        ``adata.obsm`` key of the spot features, e.g. ``'X_<encoder>'`` written by :func:`sthist.pp.embed_patches`;
-        ``None`` uses the cached embeddings of ``encoder``, else computes them from the patches (and caches them).
+    {frozen_features}
     {layer}
         Use the same scale you will score on, e.g. ``'targets'`` from :func:`sthist.pp.normalize_expression`.
     {genes}
-    encoder, pretrained, checkpoint
-        The image encoder when ``features_key`` is ``None``, as in :func:`sthist.tl.fit_contrastive`.
-    patches_key
-        ``adata.obsm`` key of the uint8 patches.
     n_components
         Number of principal components; clipped (with a log message) to ``min(n_obs, n_features)``.
     alpha
         Ridge penalty; ``None`` uses HEST's rule ``100 / (n_components * n_genes)``.
     {random_state}
-    save_dir
-        Also save the model to this folder (replacing a model saved there) and record it in
-        ``adata.uns[key_added]['model_dir']``.
-    key_added
-        Key of the record in ``adata.uns``.
-    device
-        Torch device when features are computed here.
+    {baseline_record}
     {progress}
 
     Returns

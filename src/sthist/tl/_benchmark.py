@@ -62,9 +62,9 @@ class BenchmarkResult:
         groups (``fold == 'all'``: the mean over groups of each seed, then mean and sd over seeds).
     comparison
         Every method against ``reference``: per metric (``pcc_all``, ``pcc_heg``), the mean paired per-gene
-        difference of Pearson r over folds and seeds, its bootstrap confidence interval (genes resampled within
-        every fold and seed), and in how many of the folds x seeds the method's mean r is higher (``wins`` of
-        ``n``).
+        difference of Pearson r over folds and seeds, its two-level bootstrap confidence interval (the folds x
+        seeds resampled, then the genes within each), and in how many of the folds x seeds the method's mean r
+        is higher (``wins`` of ``n``).
     per_gene
         ``{(method, fold, seed): Series of per-gene r}`` (averaged over the held-out sections), for further tests.
     gene_sets
@@ -95,8 +95,10 @@ class BenchmarkResult:
         )
 
     def compare(self, reference: str, *, n_boot: int = 1000, random_state: int = 0) -> pd.DataFrame:
-        """The paired comparison of every other method against ``reference`` (any benchmarked method), at
-        :attr:`level`; the same statistics as :attr:`comparison`, e.g. ``result.compare("knn")``."""
+        """The paired comparison of every other method against ``reference`` (any benchmarked method).
+
+        The same statistics as :attr:`comparison`, at :attr:`level`, e.g. ``result.compare("knn")``.
+        """
         methods = list(dict.fromkeys(m for m, _, _ in self.per_gene))
         if reference not in methods:
             raise ValueError(f"reference={reference!r} was not benchmarked; choose one of {methods}.")
@@ -177,10 +179,11 @@ def paired_comparison(
             if not diffs:
                 continue
             observed = float(np.mean([d.mean() for d in diffs]))
-            boot = np.zeros(n_boot)
-            for d in diffs:
-                boot += d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1)
-            boot /= len(diffs)
+            # two-level bootstrap: the folds x seeds with replacement (their spread is part of the uncertainty),
+            # then the genes with replacement within each drawn fold x seed
+            per_pair = np.stack([d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1) for d in diffs])
+            drawn = rng.integers(0, len(diffs), size=(n_boot, len(diffs)))
+            boot = per_pair[drawn, np.arange(n_boot)[:, None]].mean(1)
             lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
             rows.append(
                 {
@@ -228,7 +231,8 @@ def benchmark(
     for all. In every fold the gene sets of the metrics are chosen on the training groups, and the held-out spots
     are scored per section and pooled. Each method is then compared with ``reference`` gene by gene: the paired
     difference of Pearson r, averaged over folds and seeds, with a bootstrap interval over genes and the number of
-    folds x seeds it wins. A difference whose interval contains 0 is not a result.
+    folds x seeds it wins. The interval comes from a two-level bootstrap (folds x seeds, then genes within each),
+    so the spread between seeds and folds is part of it: a difference whose interval contains 0 is not a result.
 
     Parameters
     ----------
@@ -329,6 +333,9 @@ def benchmark(
             tables.append(table)
             per_gene.update({(name, fold, seed): r for fold, r in genes_r.items()})
     wide = pd.concat(tables, ignore_index=True)
+    for col in ("batch_size", "epochs", "stages", "k", "patch_size"):
+        if col in wide:
+            wide[col] = wide[col].astype("Int64")  # integers, with <NA> where a method has none
     wide["normalisation"] = prep.normalisation
     wide["gene_sets"] = f"top {prep.n_top} HEG / HVG chosen on the training groups of each fold"
     metrics = [*FOLD_METRICS, *(f"{m}_pooled" for m in FOLD_METRICS)]

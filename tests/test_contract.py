@@ -323,3 +323,14 @@ def test_cross_validate_inplace_false_leaves_adata_unchanged(prepared_toy):
         st.tl.cross_validate(
             adata, groupby="section", method="ridge", layer="targets", progress=False, fit_kwargs={"max_epochs": 3}
         )
+
+
+def test_early_stopping_none_trains_every_epoch(toy_split):
+    ref, _ = toy_split()
+    full = st.tl.fit_contrastive(ref, layer="targets", max_epochs=25, early_stopping_patience=None, progress=False)
+    assert len(full.history["train_loss"]) == 25 and full.config["plan"]["early_stopping_patience"] is None
+    early = st.tl.fit_contrastive(ref, layer="targets", max_epochs=25, early_stopping_patience=2, progress=False)
+    assert early.config["plan"]["early_stopping_patience"] == 2
+    assert len(early.history["train_loss"]) < 25 and early.history["stopped_early"]
+    default = st.tl.fit_contrastive(ref, layer="targets", max_epochs=3, progress=False)
+    assert default.config["plan"]["early_stopping_patience"] == 10  # "recipe": the plan's

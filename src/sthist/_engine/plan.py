@@ -288,6 +288,9 @@ class TrainPlan:
         )
 
 
+#: Override value of ``early_stopping_patience`` that switches early stopping off (``None`` means "not given").
+NO_EARLY_STOPPING = "off"
+
 #: The caller's overrides of a plan accepted by :func:`resolve_plan` (keyword -> what it sets).
 OVERRIDES = (
     "max_epochs",
@@ -306,8 +309,8 @@ OVERRIDES = (
 def resolve_plan(recipe: TrainPlan, plan: TrainPlan | None = None, **overrides: Any) -> TrainPlan:
     """The plan a fit runs: ``plan`` (or the method's ``recipe``) with the caller's ``overrides``.
 
-    ``overrides`` whose value is ``None`` are ignored (``early_stopping_patience`` included: pass the plan's
-    field ``early_stopping_patience=None`` through ``plan=`` to switch early stopping off). ``max_epochs`` sets the
+    ``overrides`` whose value is ``None`` are ignored; ``early_stopping_patience="off"``
+    (:data:`NO_EARLY_STOPPING`) switches early stopping off. ``max_epochs`` sets the
     epochs of every stage; ``lr`` / ``weight_decay`` / ``optimizer`` (a name or an :class:`Optim`) replace the
     optimiser of every stage; ``schedule`` (a name or a :class:`Schedule`) replaces the schedule of every stage.
     """
@@ -320,6 +323,8 @@ def resolve_plan(recipe: TrainPlan, plan: TrainPlan | None = None, **overrides: 
     o = {k: v for k, v in overrides.items() if v is not None}
     if not o:
         return base
+    if o.get("early_stopping_patience") == NO_EARLY_STOPPING:
+        o["early_stopping_patience"] = None
     stages = base.stages
     opt_changes = {k: o.pop(k) for k in ("lr", "weight_decay") if k in o}
     new_opt = o.pop("optimizer", None)

@@ -41,7 +41,7 @@ def fit_contrastive(
     lr: float | None = None,
     weight_decay: float | None = None,
     validation_fraction: float | None = None,
-    early_stopping_patience: int | None = None,
+    early_stopping_patience: int | Literal["recipe"] | None = "recipe",
     select_on: Literal["val_loss", "val_pearson"] | None = None,
     augment: bool | None = None,
     spatial_key: str = C.SPATIAL_KEY,
@@ -100,8 +100,8 @@ def fit_contrastive(
     validation_fraction
         Fraction of spots held out for early stopping and model selection (plan default 0.1).
     early_stopping_patience
-        Epochs without validation improvement before stopping (the best weights are restored); plan default 10.
-        To train every epoch, pass ``plan=TrainPlan(..., early_stopping_patience=None)``.
+        Epochs without validation improvement before stopping (the best weights are restored); ``'recipe'``
+        keeps the plan's (10 in every recipe today); ``None`` trains every epoch.
     select_on
         Model selection: ``'val_loss'`` (plan default) or ``'val_pearson'``, the mean Pearson r over genes of the
         expression predicted for the validation spots.
@@ -154,6 +154,7 @@ def fit_contrastive(
     check_adata(adata, fn="sthist.tl.fit_contrastive")
     from .._engine import train as engine
     from .._engine.methods import get_method
+    from .._engine.plan import NO_EARLY_STOPPING, resolve_plan
 
     method_cls = get_method(method)  # unknown names raise with the list of methods
     method_cls.make_config(method_kwargs)  # unknown or invalid settings raise before any work
@@ -163,12 +164,12 @@ def fit_contrastive(
         "lr": lr,
         "weight_decay": weight_decay,
         "validation_fraction": validation_fraction,
-        "early_stopping_patience": early_stopping_patience,
+        "early_stopping_patience": {"recipe": None, None: NO_EARLY_STOPPING}.get(
+            early_stopping_patience, early_stopping_patience
+        ),
         "select_on": select_on,
         "augment": augment,
     }
-    from .._engine.plan import resolve_plan
-
     resolve_plan(method_cls.recipe, plan, **overrides)  # invalid settings raise before any work
     expr, gene_names = get_matrix(adata, layer=layer, genes=genes)
     needs_space = bool(method_cls.needs_neighbors or method_cls.needs_coords)

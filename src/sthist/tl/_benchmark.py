@@ -18,7 +18,7 @@ from .. import _constants as C
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_positive_int
-from ._cv import FOLD_METRICS, _train_gene_sets, prepare_folds, run_folds
+from ._cv import FOLD_METRICS, prepare_folds, run_folds
 from ._fit import DEFAULT_ENCODER
 
 if TYPE_CHECKING:
@@ -68,8 +68,8 @@ class BenchmarkResult:
     per_gene
         ``{(method, fold, seed): Series of per-gene r}`` (averaged over the held-out sections), for further tests.
     gene_sets
-        ``{(fold, seed): {'heg': [...], 'hvg': [...], 'gene_corr': [...]}}``, the sets chosen on the training
-        groups of each fold.
+        ``{fold: {'heg': [...], 'hvg': [...], 'gene_corr': [...]}}``, the sets chosen on the training groups of
+        each fold (the same for every method and seed).
     reference, seeds, groupby, level
         The reference method, the seeds, the group column and the confidence level of the intervals.
     seconds
@@ -80,7 +80,7 @@ class BenchmarkResult:
     summary: pd.DataFrame
     comparison: pd.DataFrame
     per_gene: dict[tuple[str, str, int], pd.Series] = field(repr=False)
-    gene_sets: dict[tuple[str, int], dict[str, list[str]]] = field(repr=False)
+    gene_sets: dict[str, dict[str, list[str]]] = field(repr=False)
     reference: str
     seeds: list[int]
     groupby: str
@@ -148,7 +148,7 @@ def _seeds(seeds: Any) -> list[int]:
 
 def paired_comparison(
     per_gene: dict[tuple[str, str, int], pd.Series],
-    gene_sets: dict[tuple[str, int], dict[str, list[str]]],
+    gene_sets: dict[str, dict[str, list[str]]],
     methods: Sequence[str],
     reference: str,
     *,
@@ -170,7 +170,7 @@ def paired_comparison(
                     continue
                 d = per_gene[(method, fold, seed)] - per_gene[(reference, fold, seed)]
                 if metric == "pcc_heg":
-                    d = d.reindex(gene_sets[(fold, seed)]["heg"])
+                    d = d.reindex(gene_sets[fold]["heg"])
                 d = d.to_numpy(dtype=float)
                 d = d[np.isfinite(d)]
                 if d.size:
@@ -322,10 +322,8 @@ def benchmark(
     start = info(
         f"benchmarking {len(names)} methods x {len(prep.folds)} held-out groups of {groupby!r} x {len(seed_list)} seeds"
     )
-    tables, per_gene, gene_sets = [], {}, {}
+    tables, per_gene = [], {}
     for seed in seed_list:
-        for fold in prep.folds:
-            gene_sets[(fold, seed)] = _train_gene_sets(prep.work[prep.labels != fold], prep.n_top)
         for name in names:
             table, _, genes_r = run_folds(
                 prep, name, random_state=seed, fit_kwargs=fit_kwargs, strict=False, progress=False
@@ -349,7 +347,7 @@ def benchmark(
     long = long[["method", "fold", "seed", "split", "metric", "value", "n_obs", "n_sections", "seconds", *config]]
     summary = _summary(wide, metrics)
     comparison = paired_comparison(
-        per_gene, gene_sets, [n for n in names if n != reference], reference, n_boot=n_boot, level=level
+        per_gene, prep.gene_sets, [n for n in names if n != reference], reference, n_boot=n_boot, level=level
     )
     info("    finished", time=start)
     return BenchmarkResult(
@@ -357,7 +355,7 @@ def benchmark(
         summary=summary,
         comparison=comparison,
         per_gene=per_gene,
-        gene_sets=gene_sets,
+        gene_sets=prep.gene_sets,
         reference=reference,
         seeds=seed_list,
         groupby=groupby,

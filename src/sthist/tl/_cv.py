@@ -47,6 +47,8 @@ class Folds:
     library_key: str
     n_top: int
     held_out_spots: dict[str, int] = field(default_factory=dict)
+    gene_sets: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    """Per fold, the HEG / HVG / gene-gene genes chosen on its training groups (the same for every method and seed)."""
 
 
 def _split_labels(adata: AnnData, labels: np.ndarray, folds: list[str], groupby: str) -> dict[str, str]:
@@ -155,6 +157,7 @@ def prepare_folds(
     )
     norm = uns_params(adata, layer) if layer is not None else {}
     normalisation = str(norm.get("flavor", "")) or ("X" if layer is None else f"layers[{layer!r}]")
+    gene_sets = {fold: _train_gene_sets(work[labels != fold], n_top) for fold in folds}
     return Folds(
         work=work,
         groupby=groupby,
@@ -168,6 +171,7 @@ def prepare_folds(
         library_key=library_key,
         n_top=n_top,
         held_out_spots=counts,
+        gene_sets=gene_sets,
     )
 
 
@@ -257,11 +261,16 @@ def run_folds(
             key_added="oof",
             progress=False,
         )
-        settings = model.prediction_settings(k=k, weighting=weighting)
+        settings = test_ad.uns["oof"]["params"]  # what predict_expression used (k after capping, weighting)
         oof[test] = test_ad.layers["oof"]
-        sets = _train_gene_sets(train_ad, prep.n_top)
         score_prediction(
-            test_ad, layer="oof", true_layer=None, groupby="_library", gene_sets=sets, n_top=prep.n_top, key_added="s"
+            test_ad,
+            layer="oof",
+            true_layer=None,
+            groupby="_library",
+            gene_sets=prep.gene_sets[fold],
+            n_top=prep.n_top,
+            key_added="s",
         )
         scores = test_ad.uns["s"]
         sections = pd.DataFrame.from_dict(dict(scores["per_group"]), orient="index")

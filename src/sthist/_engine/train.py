@@ -262,6 +262,7 @@ class _Run:
     num_workers: int
     settings: dict[str, Any]
     notes: list[str]
+    progress: bool
     own_trainable: dict[int, bool] = dataclasses.field(default_factory=dict)
     """Which parameters the method and encoder themselves leave trainable (a stage never unfreezes the others)."""
 
@@ -501,6 +502,7 @@ def _prepare(
         num_workers=int(workers),
         settings=settings,
         notes=notes,
+        progress=bool(progress),
     )
     _enter_stage(run, stages[0])
     return run
@@ -683,7 +685,6 @@ def fit(**kwargs: Any) -> ContrastiveModel:
     for note in run.notes:
         info(f"    {note}")
     trainer, method_cls, dev, plan = run.trainer, run.method_cls, run.device, run.plan
-    progress = kwargs.get("progress", True)
     finetune = trainer.finetune
     module, enc, ctx = trainer.module, trainer.encoder, trainer.ctx
     n_val = int(run.val_idx.size)
@@ -701,7 +702,7 @@ def fit(**kwargs: Any) -> ContrastiveModel:
     if by_pearson:
         history["val_pearson"] = []
     epoch_items = _loader(run, plan.batch_size)
-    show = bool(progress) and ctx.is_main
+    show = run.progress and ctx.is_main
     patience = plan.early_stopping_patience
     global_epoch, best_epoch, stopped_early = 0, -1, False
     for s_i, stage in enumerate(run.stages):

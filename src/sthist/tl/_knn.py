@@ -10,7 +10,8 @@ from .. import _logging as logg
 from .._anndata import get_matrix, record
 from .._docs import inject_docs
 from .._validate import check_adata, check_positive_int
-from ._ridge import DEFAULT_ENCODER, frozen_inputs
+from ._fit import DEFAULT_ENCODER
+from ._ridge import frozen_inputs
 from ._utils import model_record
 
 if TYPE_CHECKING:

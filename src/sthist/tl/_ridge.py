@@ -12,6 +12,7 @@ from .. import _logging as logg
 from .._anndata import get_matrix, image_features, patch_geometry, record
 from .._docs import inject_docs
 from .._validate import check_adata, check_positive_int
+from ._fit import DEFAULT_ENCODER
 from ._utils import model_record
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from .._engine.base import ModelInputs
     from .._engine.ridge import RidgeModel
 
-DEFAULT_ENCODER = "hed-texture"
 RIDGE_KEY = "ridge"
 
 

@@ -356,7 +356,7 @@ def test_from_spatialdata_centres_land_on_their_pixels(case):
     assert sf[C.HIRES_SCALEF] == 1.0  # image smaller than 2000 px: hires is the image itself
     np.testing.assert_array_equal(lib[C.IMAGES][C.HIRES], fullres)
     assert C.MPP not in sf  # not knowable from the SpatialData object alone
-    assert lib[C.METADATA] == {}
+    assert lib[C.METADATA] == {C.OBS_KIND: "spots"}
     assert adata.obs[C.SECTION_KEY].astype(str).eq("spots").all()
 
 
@@ -542,14 +542,14 @@ def test_from_spatialdata_ambiguity_and_missing_elements(tmp_path):
         sthist.io.from_spatialdata(sdata)
     assert sthist.io.from_spatialdata(sdata, shapes_key="spots_b").n_obs == 1
 
-    # polygons are not spots
+    # polygons are read too (bins, cells), but only those a table annotates
     from shapely.geometry import Polygon
 
     sdata.shapes["poly"] = ShapesModel.parse(
         __import__("geopandas").GeoDataFrame(geometry=[Polygon([(0, 0), (1, 0), (1, 1)])]),
         transformations={"global": Identity()},
     )
-    with pytest.raises(ValueError, match=r"not a set of circles.*to_circles"):
+    with pytest.raises(ValueError, match=r"No table annotates 'poly'.*set_table_annotates_spatialelement"):
         sthist.io.from_spatialdata(sdata, shapes_key="poly")
 
 
@@ -571,3 +571,143 @@ def test_from_spatialdata_no_table_no_image_bad_input(tmp_path):
     sdata.tables["table"] = bad
     with pytest.raises(ValueError, match=r"No row of table 'table' matches a circle"):
         sthist.io.from_spatialdata(sdata)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Visium from any scverse reader: µm/px from spot_diameter_fullres, by the one rule of sthist._anndata.resolve_mpp
+# ---------------------------------------------------------------------------------------------------------------
+
+SQUARE = 20  # half-side (full-resolution px) of the coloured square drawn around each spot in the full image
+
+
+def _full_image() -> np.ndarray:
+    img = np.full((FULL_H, FULL_W, 3), 255, dtype=np.uint8)
+    for i, (_, _, _, x, y) in enumerate(SPOTS.values()):
+        img[max(y - SQUARE, 0) : y + SQUARE + 1, max(x - SQUARE, 0) : x + SQUARE + 1] = PALETTE[i]
+    return img
+
+
+@pytest.fixture(scope="module")
+def visium_fullres(visium_dir, tmp_path_factory) -> Path:
+    import tifffile
+
+    path = tmp_path_factory.mktemp("fullres") / "he.tif"
+    tifffile.imwrite(path, _full_image(), tile=(128, 128), photometric="rgb")
+    return path
+
+
+def _check_centres(adata, key="patches"):
+    """Each patch's centre pixel has the colour of its spot's square."""
+    order = list(SPOTS)
+    patches = np.asarray(adata.obsm[key])
+    S = patches.shape[1]
+    for i, name in enumerate(adata.obs_names):
+        np.testing.assert_array_equal(patches[i, S // 2, S // 2], PALETTE[order.index(name)])
+
+
+def test_extract_patches_mpp_on_squidpy_visium(visium_dir, visium_fullres):
+    sq = pytest.importorskip("squidpy")
+    adata = sq.read.visium(visium_dir, source_image_path=visium_fullres)
+    adata = adata[adata.obs["in_tissue"] == 1].copy()
+    lib = next(iter(adata.uns["spatial"]))
+    assert C.MPP not in adata.uns["spatial"][lib]["scalefactors"]  # squidpy does not write it
+    before = adata.uns["spatial"][lib]["scalefactors"].copy()
+    sthist.pp.extract_patches(adata, patch_size=16, mpp=1.0, progress=False)
+    params = adata.uns["patches"]["params"]
+    assert params["source_mpp"][lib] == pytest.approx(65.0 / SPOT_DIAMETER)  # 0.5 µm/px
+    assert params["source_mpp_origin"][lib].startswith("65 / scalefactors['spot_diameter_fullres']")
+    assert params["source_patch_size"][lib] == 32  # 16 px at 1 µm/px = 32 px at 0.5 µm/px
+    assert adata.obsm["patches"].shape == (len(IN_TISSUE), 16, 16, 3)
+    _check_centres(adata)
+    assert adata.uns["spatial"][lib]["scalefactors"] == before  # the rule is recorded, not written into the library
+    # the same µm/px as sthist's own reader
+    ours = sthist.io.read_visium(visium_dir, source_image_path=visium_fullres)
+    assert ours.uns["spatial"]["lib1"]["scalefactors"][C.MPP] == pytest.approx(params["source_mpp"][lib])
+
+
+def test_extract_patches_mpp_on_scanpy_visium(visium_dir, visium_fullres):
+    import scanpy as sc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = sc.read_visium(visium_dir, source_image_path=visium_fullres)
+    adata = adata[adata.obs["in_tissue"] == 1].copy()
+    adata.var_names_make_unique()
+    sthist.pp.extract_patches(adata, patch_size=16, mpp=1.0, progress=False)
+    lib = adata.uns["patches"]["params"]["library_id"][0]
+    assert adata.uns["patches"]["params"]["source_mpp"][lib] == pytest.approx(0.5)
+    _check_centres(adata)
+
+
+def test_extract_patches_mpp_on_spatialdata_io_visium(visium_dir, visium_fullres):
+    spatialdata_io = pytest.importorskip("spatialdata_io")
+    sdata = spatialdata_io.visium(visium_dir, dataset_id="lib1", fullres_image_file=visium_fullres)
+    adata = sthist.io.from_spatialdata(sdata, image_key="lib1_full_image")
+    adata = adata[adata.obs["in_tissue"] == 1].copy()
+    sf = adata.uns["spatial"]["lib1"]["scalefactors"]
+    assert sf[C.SPOT_DIAMETER] == pytest.approx(SPOT_DIAMETER) and C.MPP not in sf
+    sthist.pp.extract_patches(adata, patch_size=16, mpp=1.0, progress=False)
+    assert adata.uns["patches"]["params"]["source_mpp"]["lib1"] == pytest.approx(0.5)
+    _check_centres(adata)
+
+
+def _snapshot_adata(adata) -> dict:
+    return {"obsm": sorted(adata.obsm), "obs": list(adata.obs), "uns": repr(adata.uns)}
+
+
+def test_unknown_mpp_errors_show_values_from_the_data(visium_dir, visium_fullres):
+    sq = pytest.importorskip("squidpy")
+    adata = sq.read.visium(visium_dir, source_image_path=visium_fullres)
+    adata = adata[adata.obs["in_tissue"] == 1].copy()
+    lib = next(iter(adata.uns["spatial"]))
+    del adata.uns["spatial"][lib]["scalefactors"]["spot_diameter_fullres"]
+    before = _snapshot_adata(adata)
+    with pytest.raises(ValueError, match=r"mpp=1.0 needs the microns per pixel") as err:
+        sthist.pp.extract_patches(adata, patch_size=16, mpp=1.0, progress=False)
+    msg = str(err.value)
+    assert "0.2738" not in msg
+    coords = adata.obsm["spatial"].astype(float)
+    d = np.sort(np.linalg.norm(coords[:, None] - coords[None], axis=-1), axis=1)[:, 1]
+    pitch = float(np.median(d))
+    assert f"{pitch:.1f} px apart" in msg and f"{100 / pitch:.4f} µm/px" in msg
+    assert f"{FULL_W} x {FULL_H} px" in msg and "microns_per_pixel" in msg
+    assert _snapshot_adata(adata) == before
+
+    # a HEST-1k table: its spot_diameter_fullres is a 55 µm spot, so the 10x rule does not apply
+    adata.uns["spatial"][lib]["scalefactors"].update(
+        {"spot_diameter_fullres": 110.0, "tissue_downscaled_fullres_scalef": 0.1}
+    )
+    with pytest.raises(ValueError, match=r"HEST-1k.*read_hest"):
+        sthist.pp.extract_patches(adata, patch_size=16, mpp=1.0, progress=False)
+    assert "patches" not in adata.obsm
+
+    # a slide without metadata: tile_tissue and predict_slide say how large it would be at common resolutions
+    with pytest.raises(ValueError, match=rf"{FULL_W} x {FULL_H} px.*0.25 µm/px.*Pass mpp="):
+        sthist.pp.tile_tissue(_full_image())
+
+
+def test_mpp_rule_order_and_exceptions():
+    from sthist._anndata import MPP_FROM_FILE, MPP_FROM_SCALEFACTORS, MPP_FROM_SPOT_DIAMETER, resolve_mpp
+
+    visium = {"scalefactors": {"spot_diameter_fullres": 130.0}}
+    assert resolve_mpp(entry=visium) == (pytest.approx(0.5), MPP_FROM_SPOT_DIAMETER)
+    assert resolve_mpp(entry={"scalefactors": {"spot_diameter_fullres": 130.0, "microns_per_pixel": 0.3}}) == (
+        0.3,
+        MPP_FROM_SCALEFACTORS,
+    )
+    assert resolve_mpp(given=0.7, entry=visium) == (0.7, "mpp=")
+    assert resolve_mpp(entry={}, source_mpp=0.25) == (0.25, MPP_FROM_FILE)
+    # bins and cells carry spot_diameter_fullres too, but it is not a 65 µm circle
+    for kind in ("bins", "cells"):
+        entry = {"scalefactors": {"spot_diameter_fullres": 130.0}, "metadata": {C.OBS_KIND: kind}}
+        assert resolve_mpp(entry=entry) == (None, None)
+    assert resolve_mpp(entry={"scalefactors": {"spot_diameter_fullres": 0.0}}) == (None, None)
+
+
+def test_targets_without_variance_raise_before_anything_changes(prepared_toy):
+    adata = prepared_toy()
+    adata.layers["flat"] = np.ones(adata.shape, dtype=np.float32)
+    before = (sorted(adata.obsm), sorted(adata.uns), sorted(adata.layers))
+    with pytest.raises(ValueError, match=r"no variance in any of its 40 selected genes.*normalize_expression"):
+        sthist.tl.fit_ridge(adata, layer="flat", features_key="X_hed_texture")
+    assert (sorted(adata.obsm), sorted(adata.uns), sorted(adata.layers)) == before

@@ -47,7 +47,7 @@ SOURCE_FIRST = {
 # functions that take no data at all (registries)
 NO_DATA = {"sthist.tl.methods"}
 # names the first (source) parameter of a reader or data set may have
-READER_SOURCES = {"path", "root", "sdata"}
+READER_SOURCES = {"path", "root", "sdata", "ids"}  # ids: the HEST-1k samples sthist.datasets.hest downloads
 # the one extra positional-or-keyword parameter a function may have after its data
 EXTRA_POSITIONAL = {
     "sthist.tl.predict_expression": "model",

@@ -6,6 +6,8 @@
 * :func:`find_features` / :func:`image_features`: encoder embeddings of the spots for an encoder spec, cached in
   ``obsm`` or computed from the patches;
 * :func:`patch_geometry`: the patch size and µm/px recorded by :func:`sthist.pp.extract_patches`;
+* :func:`resolve_mpp`: the one rule for the microns per pixel of an image (used by ``extract_patches``,
+  ``tile_tissue`` and ``predict_slide``);
 * :func:`record` and :func:`to_uns`: the single serialiser for everything written into ``adata.uns``.
 """
 
@@ -115,6 +117,15 @@ def get_matrix(
             f"{where} holds NaN or infinite values for {bad.size} spot(s), e.g. {adata.obs_names[bad[:5]].tolist()}; "
             "remove those spots/genes or fill them first."
         )
+    if mat.shape[0] > 1 and mat.shape[1] > 0 and bool((mat.max(axis=0) == mat.min(axis=0)).all()):
+        values = np.unique(mat[0])[:3].tolist()
+        raise ValueError(
+            f"{where} has no variance in any of its {mat.shape[1]} selected genes over the {mat.shape[0]} spots "
+            f"(every gene takes one value, e.g. {values}): there is nothing to learn or score. Check that "
+            f"layer={layer!r} holds the expression (run `sthist.pp.normalize_expression(adata)` on the counts), that "
+            "the gene selection is not only empty genes (`sthist.pp.select_genes(adata, flavor='heg')`), and that "
+            "the spots are not all empty (e.g. aggregate small bins to a coarser size first)."
+        )
     if nonnegative and (mat < 0).any():
         raise ValueError(
             f"{where} holds negative values; contrastive targets must be non-negative expression "
@@ -166,6 +177,142 @@ def spatial_inputs(
         return coords, None
     purpose = f"Method {method!r} uses spatial neighbours, which must not join spots of different sections."
     return coords, resolve_libraries(adata, library_key=library_key, purpose=purpose)
+
+
+# ---- microns per pixel --------------------------------------------------------------------------------------------
+#: 10x Genomics defines ``spot_diameter_fullres`` as "the number of pixels that span the diameter of a theoretical
+#: 65µm spot in the original, full-resolution image" (Space Ranger 1.3 documentation, "Spatial outputs" /
+#: scalefactors_json.json). The capture spots are 55 µm wide on a 100 µm pitch; the 65 µm circle is the one the
+#: pixel diameter refers to, hence ``microns_per_pixel = 65 / spot_diameter_fullres``.
+VISIUM_SPOT_DIAMETER_UM = 65.0
+
+MPP_FROM_ARGUMENT = "mpp="
+MPP_FROM_SCALEFACTORS = "scalefactors['microns_per_pixel']"
+MPP_FROM_SPOT_DIAMETER = "65 / scalefactors['spot_diameter_fullres'] (10x Visium definition)"
+MPP_FROM_FILE = "image file metadata (OME PhysicalSizeX / openslide mpp-x)"
+#: ``uns['spatial'][lib]['metadata'][C.OBS_KIND]`` values for which ``spot_diameter_fullres`` is not a Visium spot
+_NOT_VISIUM_SPOTS = ("bins", "cells")
+
+
+def _positive_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
+def _is_hest_library(entry: Any) -> bool:
+    """A HEST-1k ``st/<id>.h5ad`` library: its ``spot_diameter_fullres`` is 55 µm in pixels, not 10x's 65 µm."""
+    sf = entry.get(C.SCALEFACTORS, {}) if isinstance(entry, dict) else {}
+    return isinstance(sf, dict) and "tissue_downscaled_fullres_scalef" in sf
+
+
+def library_mpp(entry: Any) -> tuple[float | None, str | None]:
+    """µm/px of one library entry ``uns['spatial'][lib]`` from its scale factors, and where the value comes from.
+
+    ``scalefactors['microns_per_pixel']`` when present; otherwise, when ``spot_diameter_fullres`` is present, 10x's
+    definition ``65 / spot_diameter_fullres`` (the rule of :func:`sthist.io.read_visium`), except for libraries whose
+    ``metadata['obs_kind']`` says they hold bins or cells and for HEST-1k tables (whose diameter is 55 µm); else
+    ``(None, None)``.
+    """
+    if not isinstance(entry, dict):
+        return None, None
+    sf = entry.get(C.SCALEFACTORS, {}) or {}
+    if not isinstance(sf, dict):
+        return None, None
+    mpp = _positive_float(sf.get(C.MPP))
+    if mpp is not None:
+        return mpp, MPP_FROM_SCALEFACTORS
+    diameter = _positive_float(sf.get(C.SPOT_DIAMETER))
+    meta = entry.get(C.METADATA, {}) or {}
+    kind = meta.get(C.OBS_KIND) if isinstance(meta, dict) else None
+    if diameter is None or kind in _NOT_VISIUM_SPOTS or _is_hest_library(entry):
+        return None, None
+    return VISIUM_SPOT_DIAMETER_UM / diameter, MPP_FROM_SPOT_DIAMETER
+
+
+def spot_pitch_px(coords: np.ndarray | None) -> float | None:
+    """Median distance of each spot to its nearest neighbour (pixels), from at most 2,000 spots."""
+    if coords is None or len(coords) < 2:
+        return None
+    from scipy.spatial import cKDTree
+
+    pts = np.asarray(coords, dtype=np.float64)[:, :2]
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    if len(pts) > 2000:
+        pts = pts[np.linspace(0, len(pts) - 1, 2000).astype(np.int64)]
+    if len(pts) < 2:
+        return None
+    dist, _ = cKDTree(pts).query(pts, k=2)
+    d = float(np.median(dist[:, 1]))
+    return d if d > 0 else None
+
+
+def mpp_unknown_message(
+    what: str,
+    *,
+    shape: tuple[int, int] | None = None,
+    coords: np.ndarray | None = None,
+    entry: Any = None,
+    fix: str,
+) -> str:
+    """Why the µm/px of ``what`` is unknown, with values computed from the data (spot pitch, image size)."""
+    parts = [f"the microns per pixel of {what} are unknown"]
+    sf = entry.get(C.SCALEFACTORS, {}) if isinstance(entry, dict) else {}
+    if _is_hest_library(entry):
+        parts.append(
+            "(this looks like a HEST-1k table, whose spot_diameter_fullres is a 55 µm spot, not 10x's 65 µm: read the "
+            "sample with `sthist.io.read_hest(root)`, which takes the pixel size from metadata/<id>.json)"
+        )
+    elif isinstance(sf, dict) and C.SPOT_DIAMETER in sf:
+        meta = entry.get(C.METADATA, {}) or {}
+        kind = meta.get(C.OBS_KIND) if isinstance(meta, dict) else None
+        if kind in _NOT_VISIUM_SPOTS:
+            parts.append(f"(its observations are {kind}, so spot_diameter_fullres is not a 65 µm Visium spot)")
+    pitch = spot_pitch_px(coords)
+    hints = []
+    if pitch is not None:
+        hints.append(
+            f"its spots are {pitch:.1f} px apart (median nearest neighbour): on a Visium array (100 µm pitch) that "
+            f"is {100.0 / pitch:.4f} µm/px, on the original ST array (200 µm) {200.0 / pitch:.4f} µm/px"
+        )
+    if shape is not None:
+        H, W = shape
+        hints.append(
+            f"the image is {W} x {H} px, i.e. {W * 0.25 / 1000:.2f} x {H * 0.25 / 1000:.2f} mm at 0.25 µm/px (40x) "
+            f"or {W * 0.5 / 1000:.2f} x {H * 0.5 / 1000:.2f} mm at 0.5 µm/px (20x)"
+        )
+    msg = " ".join(parts) + "."
+    if hints:
+        msg += " For orientation: " + "; ".join(hints) + "."
+    return msg + " " + fix
+
+
+def resolve_mpp(
+    *,
+    given: float | None = None,
+    entry: Any = None,
+    source_mpp: float | None = None,
+) -> tuple[float | None, str | None]:
+    """The one rule for the µm per pixel of a full-resolution image, and where the value comes from.
+
+    In this order: ``given`` (an explicit ``mpp=``); the library's scale factors (:func:`library_mpp`:
+    ``microns_per_pixel``, else ``65 / spot_diameter_fullres`` for Visium spots); the image file's own metadata
+    (``source_mpp``). ``(None, None)`` when none is known.
+    """
+    value = _positive_float(given)
+    if value is not None:
+        return value, MPP_FROM_ARGUMENT
+    value, origin = library_mpp(entry)
+    if value is not None:
+        return value, origin
+    value = _positive_float(source_mpp)
+    if value is not None:
+        return value, MPP_FROM_FILE
+    return None, None
 
 
 # ---- patches and features ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ LOWRES = "lowres"
 FULLRES = "fullres"  # uns["spatial"][lib]["images"]["fullres"]: an in-memory full-resolution image (toy data)
 SOURCE_IMAGE_PATH = "source_image_path"  # uns["spatial"][lib]["metadata"]: path of the full-resolution image
 SOURCE_IMAGE_KEY = "source_image_key"  # element name inside a SpatialData zarr store
+OBS_KIND = "obs_kind"  # uns["spatial"][lib]["metadata"]: "spots", "bins" or "cells" (written by from_spatialdata)
 HIRES_SCALEF = "tissue_hires_scalef"
 LOWRES_SCALEF = "tissue_lowres_scalef"
 SPOT_DIAMETER = "spot_diameter_fullres"

@@ -30,7 +30,7 @@ _SPOT_COLUMNS = ("x", "y", "pixel_x", "pixel_y")
 
 @inject_docs
 def her2st(
-    root: str | Path,
+    root: str | Path | None = None,
     *,
     sections: Sequence[str] | None = None,
     hires_max_size: int = 2000,
@@ -42,7 +42,14 @@ def her2st(
     tumor-associated cell type interactions", Nature Communications 12, 6012 (2021): 36 sections of
     8 patients (A-H) on the original ST platform (100 µm spots on a 200 µm pitch).
 
-    Reads the layout of the data repository https://github.com/almaan/her2st (a full clone, after
+    With no ``root``, the public data are downloaded once from Zenodo (https://doi.org/10.5281/zenodo.4751624,
+    about 650 MB; each archive checked against the checksum Zenodo publishes) with :mod:`pooch` into
+    ``$STHIST_DATA_DIR/her2st`` (default ``~/.cache/sthist/her2st``), unpacked into the layout below, and read from
+    there; later calls read the cache without a connection. This needs the optional packages ``pooch`` and
+    ``pyzipper`` (the archives are AES-encrypted with passwords their authors publish): ``pip install
+    'sthist[download]'``. The 785-gene panel ships with sthist and is written next to the data.
+
+    With ``root``, reads the layout of the data repository https://github.com/almaan/her2st (a full clone, after
     unpacking its data as its README describes, or a subset with the same layout)::
 
         <root>/data/ST-cnts/<section>.tsv.gz              spots x genes raw counts, row index "<x>x<y>"
@@ -57,7 +64,8 @@ def her2st(
     Parameters
     ----------
     root
-        Folder of the repository (holding ``data/``), or its ``data`` folder.
+        Folder of the repository (holding ``data/``), or its ``data`` folder. ``None`` downloads the data into the
+        cache (or reads them from there).
     sections
         Sections to read, e.g. ``["B4", "C2"]``. ``None`` reads every section that has a count file.
     hires_max_size
@@ -89,7 +97,15 @@ def her2st(
     Examples
     --------
     >>> import sthist
-    >>> adata = sthist.datasets.her2st("her2st", sections=["B4", "C2"])  # doctest: +SKIP
+    >>> adata = sthist.datasets.her2st(sections=["B4", "C2"])  # doctest: +SKIP
+    >>> adata = sthist.datasets.her2st("her2st", sections=["B4", "C2"])  # a clone  # doctest: +SKIP
+
+    Raises
+    ------
+    ConnectionError
+        With no ``root``, if the data are not cached yet and Zenodo cannot be reached.
+    ImportError
+        With no ``root``, if ``pooch`` or ``pyzipper`` is missing (``pip install 'sthist[download]'``).
     """
     import anndata as ad
     import pandas as pd
@@ -97,6 +113,10 @@ def her2st(
     from anndata.utils import make_index_unique
 
     hires_max_size = check_positive_int("hires_max_size", hires_max_size)
+    if root is None:
+        from ._her2st_fetch import fetch_her2st
+
+        root = fetch_her2st(progress=progress)
     data_dir = _data_dir(root)
     files = _section_files(data_dir, sections)
 

@@ -10,17 +10,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import _constants as C
+from .._anndata import library_mpp
 from .._logging import info
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-# 10x Genomics defines `spot_diameter_fullres` as "the number of pixels that span the diameter of a theoretical
-# 65µm spot in the original, full-resolution image" (Space Ranger 1.3 documentation, "Spatial outputs" /
-# scalefactors_json.json, https://software.10xgenomics.com/spatial-gene-expression/software/pipelines/1.3/output/images).
-# The physical capture spots are 55 µm wide with a 100 µm centre-to-centre distance; the 65 µm circle is the one the
-# pixel diameter refers to, hence microns_per_pixel = 65 / spot_diameter_fullres.
-VISIUM_SPOT_DIAMETER_UM = 65.0
+# the rule and its source (10x's definition of spot_diameter_fullres) live in sthist._anndata
 
 _POSITIONS_FILES = ("tissue_positions.csv", "tissue_positions_list.csv")
 _SCALEFACTORS_FILE = "scalefactors_json.json"
@@ -130,9 +126,9 @@ def read_visium(
     lib = adata.uns[C.SPATIAL_KEY][library_id]
     lib.setdefault(C.METADATA, {})
     scalefactors = lib[C.SCALEFACTORS]
-    diameter = scalefactors.get(C.SPOT_DIAMETER)
-    if C.MPP not in scalefactors and diameter is not None and float(diameter) > 0:
-        scalefactors[C.MPP] = VISIUM_SPOT_DIAMETER_UM / float(diameter)
+    mpp, _ = library_mpp(lib)  # the one rule: a microns_per_pixel in the file is kept, else 65 / spot_diameter_fullres
+    if mpp is not None:
+        scalefactors[C.MPP] = mpp
     if source_image_path is not None:
         lib[C.METADATA][C.SOURCE_IMAGE_PATH] = str(source_image_path)
     if load_images:

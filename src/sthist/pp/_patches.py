@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _constants as C
+from .._anndata import MPP_FROM_SPOT_DIAMETER, mpp_unknown_message, resolve_mpp
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_positive_int, check_spatial, resolve_library
@@ -135,16 +136,6 @@ def _open_library(adata: AnnData, lib: str, image: Any, image_key: str | None, p
     raise KeyError(f"No full-resolution image for library {lib!r}.{extra} {_three_ways(lib)}")
 
 
-def _scalefactor_mpp(adata: AnnData, lib: str) -> float | None:
-    sf = adata.uns.get(C.SPATIAL_KEY, {}).get(lib, {}).get(C.SCALEFACTORS, {}) or {}
-    value = sf.get(C.MPP)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) and value > 0 else None
-
-
 def _outside_message(
     adata: AnnData, lib: str, idx: np.ndarray, coords: np.ndarray, shape: tuple[int, int], spatial_key: str
 ) -> str:
@@ -225,8 +216,11 @@ def extract_patches(
         Side ``S`` of the square patches in output pixels.
     mpp
         Microns per pixel of the patches. ``None`` crops at the image's own resolution. Otherwise the image's
-        microns per pixel must be known: ``uns['spatial'][library]['scalefactors']['microns_per_pixel']`` or,
-        failing that, the file's metadata (OME-TIFF ``PhysicalSizeX``, openslide ``mpp-x``).
+        microns per pixel must be known, from the first of: ``uns['spatial'][library]['scalefactors']
+        ['microns_per_pixel']``; ``65 / spot_diameter_fullres`` (10x's definition of ``spot_diameter_fullres``,
+        the diameter in pixels of a 65 µm circle, which every Visium AnnData of scanpy, squidpy or spatialdata-io
+        carries; logged, and not used for bins or cells); the file's metadata (OME-TIFF ``PhysicalSizeX``,
+        openslide ``mpp-x``).
     {library_key}
     {library_id}
     image
@@ -269,7 +263,9 @@ def extract_patches(
         bool, whether the patch reached beyond the image edge and was padded with ``pad_value``.
     ``adata.uns['patches' | key_added]['params']``
         ``patch_size``, ``mpp``, ``library_key``, ``library_id`` (libraries used), ``pad_value``, ``spatial_key``,
-        and per library: ``source_mpp`` (``None`` when unknown), ``source_patch_size`` (``R``), ``image_source``
+        and per library: ``source_mpp`` (``None`` when unknown), ``source_mpp_origin`` (where it comes from:
+        ``"scalefactors['microns_per_pixel']"``, ``"65 / scalefactors['spot_diameter_fullres'] (10x Visium
+        definition)"`` or the file's metadata), ``source_patch_size`` (``R``), ``image_source``
         (which reader read which file or object), plus ``resample`` and ``centre`` (the conventions above), and
         ``store`` (the absolute path of the zarr store, ``None`` in memory).
 
@@ -311,18 +307,37 @@ def extract_patches(
     with ExitStack() as stack:
         # open and check every library's image before reading any pixel
         plans = []
+        origins: dict[str, str | None] = {}
         for li, lib in enumerate(libs):
             src = _open_library(adata, lib, image, image_key, pad_value)
             if src is not (image.get(lib) if isinstance(image, dict) else image):
                 stack.enter_context(src)  # close what this call opened; an open source passed in stays open
             idx = np.flatnonzero(codes == li)
-            source_mpp = _scalefactor_mpp(adata, lib) or src.mpp
+            entry = adata.uns.get(C.SPATIAL_KEY, {}).get(lib)
+            source_mpp, origin = resolve_mpp(entry=entry, source_mpp=src.mpp)
             if mpp is not None and source_mpp is None:
                 raise ValueError(
-                    f"mpp={mpp} needs the microns per pixel of library {lib!r}'s image, which is unknown. Set it, "
-                    f"e.g. `adata.uns['spatial'][{lib!r}]['scalefactors']['microns_per_pixel'] = 0.2738` (create "
-                    "the dicts if missing), or pass mpp=None to crop at the image's own resolution."
+                    f"mpp={mpp} needs the microns per pixel of library {lib!r}'s image ({src.description}): "
+                    + mpp_unknown_message(
+                        f"library {lib!r}'s image",
+                        shape=src.shape,
+                        coords=coords[idx],
+                        entry=entry,
+                        fix=(
+                            "Set it with `adata.uns['spatial'][" + repr(lib) + "]['scalefactors']"
+                            "['microns_per_pixel'] = <µm per full-resolution pixel>` (create the dicts if missing), "
+                            "or pass mpp=None to crop at the image's own resolution. Nothing was changed."
+                        ),
+                    )
                 )
+            if origin == MPP_FROM_SPOT_DIAMETER and mpp is not None:
+                diameter = float(entry[C.SCALEFACTORS][C.SPOT_DIAMETER])
+                info(
+                    f"    library {lib!r}: {source_mpp:.4f} µm/px = 65 / spot_diameter_fullres ({diameter:.2f} px), 10x's "
+                    "definition of the spot diameter; set scalefactors['microns_per_pixel'] if the image is not "
+                    "the one Space Ranger aligned"
+                )
+            origins[lib] = origin
             R = S if mpp is None else max(1, round(S * mpp / source_mpp))
             H, W = src.shape
             if R > min(H, W):
@@ -361,6 +376,7 @@ def extract_patches(
         "spatial_key": spatial_key,
         "pad_value": pad_value,
         "source_mpp": source_mpp,
+        "source_mpp_origin": origins,
         "source_patch_size": {lib: int(R) for lib, _, _, _, R in plans},
         "image_source": descriptions,
         "resample": "none" if mpp is None else "PIL area (shrink) / bilinear (enlarge)",

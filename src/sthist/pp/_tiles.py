@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _constants as C
+from .._anndata import mpp_unknown_message, resolve_mpp
 from .._logging import info
 from ._image import ImageSource, Level, open_image
 
@@ -282,7 +283,8 @@ def tile_tissue(
         without gaps or overlap).
     mpp
         Microns per pixel of the full-resolution image; ``None`` reads it from the file (OME-TIFF
-        ``PhysicalSizeX``, openslide ``mpp-x``). Needed for arrays and files without that metadata.
+        ``PhysicalSizeX``, openslide ``mpp-x``), by the rule :func:`sthist.pp.extract_patches` uses too. Needed
+        for arrays and files without that metadata; the error then shows the slide's size at common resolutions.
     min_tissue
         Fraction of a pseudo-spot's square that must be tissue, in [0, 1]. ``0`` keeps the whole grid.
     tissue_mask
@@ -314,7 +316,8 @@ def tile_tissue(
         inputs (dask arrays, SpatialData objects) are not stored: pass ``image=`` to
         :func:`~sthist.pp.extract_patches`.
     ``uns['tile_tissue']['params']``
-        the settings, the pitch in pixels, the detection view and the saturation threshold.
+        the settings (with ``mpp_origin``: ``"mpp="`` or the file's metadata), the pitch in pixels, the detection
+        view and the saturation threshold.
 
     :func:`sthist.pp.extract_patches` and ``squidpy.pl.spatial_scatter(tiles, library_id=library_id,
     shape='square')`` work directly on the result.
@@ -341,13 +344,15 @@ def tile_tissue(
     path = Path(image).expanduser() if isinstance(image, str | os.PathLike) else None
     with open_image(image, image_key=image_key, what="image") as src:
         H, W = src.shape
+        mpp, mpp_origin = resolve_mpp(given=mpp, source_mpp=src.mpp)
         if mpp is None:
-            mpp = src.mpp
-            if mpp is None:
-                raise ValueError(
-                    f"the microns per pixel of {src.description} are unknown (no OME PhysicalSizeX or openslide "
-                    "mpp-x): pass mpp=, e.g. mpp=0.25 for a 40x scan or mpp=0.5 for 20x."
+            raise ValueError(
+                mpp_unknown_message(
+                    f"{src.description} (no OME PhysicalSizeX or openslide mpp-x in the file)",
+                    shape=src.shape,
+                    fix="Pass mpp= with the scanner's µm per pixel (in the slide's metadata or the scanner report).",
                 )
+            )
         mask = None if tissue_mask is None else _check_mask(tissue_mask, (H, W))
         pitch, side = spacing / mpp, spot_diameter / mpp
         if side > min(H, W):
@@ -416,6 +421,7 @@ def tile_tissue(
         "spot_diameter": spot_diameter,
         "spacing": spacing,
         "mpp": float(mpp),
+        "mpp_origin": mpp_origin,
         "pitch_px": float(pitch),
         "spot_diameter_px": float(side),
         "min_tissue": min_tissue,

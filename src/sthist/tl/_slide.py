@@ -14,7 +14,7 @@ from .._logging import info
 from .._validate import check_positive_int
 from ..pp._image import ImageSource, open_image
 from ..pp._patches import extract_patches
-from ..pp._tiles import DEFAULT_SPOT_DIAMETER, tile_tissue
+from ..pp._tiles import DEFAULT_SPOT_DIAMETER, TILES_KEY, tile_tissue
 from ._predict import predict_expression
 from ._utils import resolve_model
 
@@ -154,7 +154,9 @@ def predict_slide(
     spacing
         Centre-to-centre distance of the grid in µm; ``None``: ``spot_diameter``.
     mpp
-        Microns per pixel of the slide; ``None`` reads it from the file's metadata.
+        Microns per pixel of the slide; ``None`` reads it from the file's metadata (the rule of
+        :func:`sthist.pp.tile_tissue` and :func:`sthist.pp.extract_patches`; the error says what the slide's size
+        would be at common resolutions).
     patch_size, patch_mpp
         Patch geometry (output pixels, µm per pixel); ``None``: what the model was trained on (recorded by
         :func:`~sthist.tl.fit_contrastive` from :func:`~sthist.pp.extract_patches`; 224 px and the slide's own
@@ -191,7 +193,8 @@ def predict_slide(
     ``obsm['X_<encoder>']`` and ``uns['X_<encoder>']``
         the encoder features of the pseudo-spots (frozen encoders).
     ``uns['predicted' | key_added]['params']``
-        the settings of :func:`~sthist.tl.predict_expression` plus the patch geometry and ``chunk_size``.
+        the settings of :func:`~sthist.tl.predict_expression` plus the patch geometry, ``chunk_size``, the slide's
+        µm per pixel (``slide_mpp``) and where it came from (``slide_mpp_origin``).
 
     Plot a gene with ``squidpy.pl.spatial_scatter(pred, color="GENE", library_id="slide", shape="square")``.
 
@@ -243,7 +246,15 @@ def predict_slide(
     )
     n = tiles.n_obs
     chunks = [np.arange(i, min(n, i + chunk_size)) for i in range(0, n, chunk_size)]
-    geometry = {"patch_size": S, "patch_mpp": patch_mpp, "chunk_size": chunk_size, "spot_diameter": spot_diameter}
+    tile_params = tiles.uns[TILES_KEY]["params"]
+    geometry = {
+        "patch_size": S,
+        "patch_mpp": patch_mpp,
+        "chunk_size": chunk_size,
+        "spot_diameter": spot_diameter,
+        "slide_mpp": tile_params["mpp"],
+        "slide_mpp_origin": tile_params["mpp_origin"],
+    }
     info(
         f"    {n} pseudo-spots, {S} px patches"
         + (f" at {patch_mpp} µm/px" if patch_mpp else "")

@@ -334,11 +334,13 @@ class SpotData:
         with_expression: bool = True,
         row_features: torch.Tensor | None = None,
         token_scaler: Callable | None = None,
+        row_tokens: torch.Tensor | None = None,
     ) -> Batch:
         """Gather the spots ``idx`` (and their neighbours when ``n_neighbors``) into a :class:`Batch`.
 
         ``row_features`` are image features of the rows of :func:`batch_image_rows` computed by the caller (e.g. by
-        a data-parallel encoder); otherwise they are computed here from ``features`` or ``images``.
+        a data-parallel encoder); otherwise they are computed here from ``features`` or ``images``. ``row_tokens``
+        are the encoder tokens of the same rows (fine-tuned methods that read tokens).
         """
         idx = np.asarray(idx, dtype=np.int64)
         t_idx = torch.as_tensor(idx, device=self.device)
@@ -366,7 +368,11 @@ class SpotData:
             coords=None if self.coords is None else self.coords[t_idx],
             groups=None if self.groups is None else self.groups[t_idx],
         )
-        if self.tokens is not None:
+        if row_tokens is not None:
+            batch.img_tokens = (
+                row_tokens[torch.as_tensor(inv[: idx.size], device=row_tokens.device)] if n_neighbors else row_tokens
+            )
+        elif self.tokens is not None:
             tok = self.tokens[t_idx]
             batch.img_tokens = tok if token_scaler is None else token_scaler(tok)
         if nb is not None:

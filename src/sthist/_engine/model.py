@@ -59,7 +59,8 @@ __all__ = ["ContrastiveModel", "ModelFileError"]
 def retrieval_settings(prediction_defaults: dict[str, Any], n_bank: int, k: int | None, weighting: str | None):
     """The caller's ``k`` / ``weighting``, else the method's paper values; returns ``(k, weighting, note)``.
 
-    A default ``k`` is capped at a third of the bank, and ``note`` says so.
+    A default ``k`` is capped at ``max_k_fraction`` of the bank (``prediction_defaults``; a third when absent), and
+    ``note`` says so.
     """
     if weighting is None:
         weighting = prediction_defaults.get("weighting", "average")
@@ -68,9 +69,11 @@ def retrieval_settings(prediction_defaults: dict[str, Any], n_bank: int, k: int 
     if k is not None:
         return check_int("k", k), weighting, None
     k = int(prediction_defaults.get("k", 50))
-    if k > max(1, n_bank // 3):
-        k = max(1, n_bank // 3)
-        return k, weighting, f"k reduced to {k}, a third of the {n_bank} reference spots"
+    fraction = float(prediction_defaults.get("max_k_fraction", 1 / 3))
+    cap = max(1, int(n_bank * fraction + 1e-9))
+    if k > cap:
+        share = "a third" if abs(fraction - 1 / 3) < 1e-9 else f"{fraction:g}"
+        return cap, weighting, f"k reduced to {cap}, {share} of the {n_bank} reference spots"
     return k, weighting, None
 
 
@@ -180,7 +183,7 @@ class ContrastiveModel(BaseModel):
                 from .encoders import encode_tokens
 
                 tokens = encode_tokens(
-                    self.image_encoder(),
+                    self._net.encoder if self.finetuned else self.image_encoder(),
                     check_patches(images, name="images"),
                     grid=grid,
                     device=dev,
@@ -214,7 +217,7 @@ class ContrastiveModel(BaseModel):
             features=features,
             images=images,
             expression=expression,
-            coords=coords,
+            coords=self._net.method.prepare_coords(coords, codes),
             groups=codes,
             neighbors=nb,
             tokens=tokens,
@@ -281,10 +284,11 @@ class ContrastiveModel(BaseModel):
             )
         dev = self._to(device)
         method = self._net.method
-        data = expression_data(expression, coords=coords, groups=groups, n_neighbors=method.n_neighbors, device=dev)
+        data = expression_data(expression, coords=coords, groups=groups, method=method, device=dev)
         if method.n_neighbors and data.coords is None:
             raise ValueError(f"method {self.method!r} uses spatial neighbours: pass coords= (x, y per spot).")
-        return self._run(data, lambda b: method.embed_expression(b.expression, b), batch_size, images=False)
+        fn = lambda b: method.embed_expression(b.expression, b)  # noqa: E731
+        return self._run(data, fn, expression_batch_size(method, batch_size), images=False)
 
     def build_bank(
         self,
@@ -395,8 +399,9 @@ class ContrastiveModel(BaseModel):
     ) -> dict[str, Any]:
         """Retrieval settings of a :meth:`predict` call.
 
-        ``k`` and ``weighting`` (the method's defaults where ``None``; a default ``k`` is capped at a third of the
-        bank, said in ``"note"``), ``index`` and ``n_probe``.
+        ``k`` and ``weighting`` (the method's defaults where ``None``; a default ``k`` is capped at the method's
+        ``max_k_fraction`` of the bank, a third unless it says otherwise, said in ``"note"``), ``index`` and
+        ``n_probe``.
         """
         if self.prediction == "regression":
             return {}
@@ -596,14 +601,23 @@ def run_batches(
     return result
 
 
-def expression_data(expression, *, coords, groups, n_neighbors: int, device) -> SpotData:
-    """Expression-only spot data (placeholder image features) for embedding expression profiles."""
+def expression_data(expression, *, coords, groups, method: Method, device) -> SpotData:
+    """Expression-only spot data (placeholder image features) for embedding expression profiles with ``method``."""
     n = expression.shape[0]
     coords = check_coords(coords, n)
     codes = group_codes(groups, n)
     data = SpotData(
-        features=np.zeros((n, 1), dtype=np.float32), expression=expression, coords=coords, groups=codes, device=device
+        features=np.zeros((n, 1), dtype=np.float32),
+        expression=expression,
+        coords=method.prepare_coords(coords, codes),
+        groups=codes,
+        device=device,
     )
-    if n_neighbors and coords is not None:
-        data.neighbors = spatial_neighbors(coords, codes, n_neighbors)
+    if method.n_neighbors and coords is not None:
+        data.neighbors = spatial_neighbors(coords, codes, method.n_neighbors)
     return data
+
+
+def expression_batch_size(method: Method, batch_size: int) -> int:
+    """Spots per batch when embedding expression outside training: the method's set size, else ``batch_size``."""
+    return int(method.expression_set_size or batch_size)

@@ -36,6 +36,8 @@ from typing import Any, Literal
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "step", "cosine")
 SELECTIONS = ("val_loss", "val_pearson")
+WHOLE_SECTION = "section"
+"""``Stage.batch_size`` of stages whose batches are whole sections."""
 
 
 def _check_number(owner: str, name: str, value: Any, *, minimum: float | None = None, strict: bool = False) -> float:
@@ -168,6 +170,9 @@ class Stage:
         encoder; other names are the method's modules); ``None``: everything.
     optimizer, schedule
         This stage's own; ``None`` takes the plan's.
+    batch_size
+        Spots per training batch of this stage (>= 2); ``"section"``: one batch per section, all its training spots
+        (graph objectives over a whole tissue graph, e.g. ST-GCHB's Deep Graph Infomax); ``None`` takes the plan's.
     """
 
     name: str = "main"
@@ -176,6 +181,7 @@ class Stage:
     trainable: tuple[str, ...] | None = None
     optimizer: Optim | None = None
     schedule: Schedule | None = None
+    batch_size: int | Literal["section"] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -187,6 +193,12 @@ class Stage:
             raise TypeError(f"Stage.optimizer must be an Optim or None, got {type(self.optimizer).__name__}.")
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise TypeError(f"Stage.schedule must be a Schedule or None, got {type(self.schedule).__name__}.")
+        b = self.batch_size
+        if b is not None and b != WHOLE_SECTION and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
+            raise ValueError(
+                f"Stage.batch_size must be an integer >= 2, {WHOLE_SECTION!r} (one batch per section) or None (the "
+                f"plan's), got {b!r}."
+            )
 
 
 @dataclass(frozen=True)
@@ -217,6 +229,9 @@ class TrainPlan:
         method's regression head). The best epoch's weights are restored at the end of every stage.
     augment
         Fine-tuning: flips, 90 degree rotations and colour jitter of the patches.
+    drop_last
+        Drop the incomplete last training batch of every epoch (BLEEP's ``drop_last=True``); batches of one section
+        (``batch_by_group`` methods) always keep it.
     """
 
     optimizer: Optim = field(default_factory=Optim)
@@ -228,6 +243,7 @@ class TrainPlan:
     early_stopping_patience: int | None = 10
     select_on: Literal["val_loss", "val_pearson"] = "val_loss"
     augment: bool = True
+    drop_last: bool = True
 
     def __post_init__(self):
         if not isinstance(self.optimizer, Optim):
@@ -249,8 +265,9 @@ class TrainPlan:
         if self.early_stopping_patience is not None:
             _check_int("TrainPlan", "early_stopping_patience", self.early_stopping_patience)
         _check_choice("TrainPlan", "select_on", self.select_on, SELECTIONS)
-        if not isinstance(self.augment, bool):
-            raise TypeError(f"TrainPlan.augment must be True or False, got {self.augment!r}.")
+        for name in ("augment", "drop_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TrainPlan.{name} must be True or False, got {getattr(self, name)!r}.")
 
     def resolved_stages(self) -> tuple[Stage, ...]:
         """The stages with the plan's optimiser and schedule filled in (one ``"main"`` stage when none is given)."""

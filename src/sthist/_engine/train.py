@@ -64,8 +64,8 @@ from .data import (
 )
 from .encoders import DEFAULT_ENCODER, build_image_encoder, encode_patches
 from .methods import get_method
-from .model import ContrastiveModel, _Net, expression_data, retrieval_settings, run_batches
-from .plan import Stage, TrainPlan, resolve_plan
+from .model import ContrastiveModel, _Net, expression_batch_size, expression_data, retrieval_settings, run_batches
+from .plan import WHOLE_SECTION, Stage, TrainPlan, resolve_plan
 
 
 def _versions() -> dict[str, str]:
@@ -123,6 +123,7 @@ class _Trainer:
         self.device, self.ctx, self.channels_last = device, ctx, channels_last
         self.n_neighbors = module.n_neighbors
         self.finetune = encoder is not None
+        self.token_grid = module.token_grid if self.finetune else 0  # fine-tuning: tokens from the encoder's pass
         self.terms: tuple[str, ...] | None = None  # the loss terms of the current stage (None: all)
         self._compiled, self._compile_checked = bool(compile), False
         fwd = encoder
@@ -144,11 +145,13 @@ class _Trainer:
         """Positions of the batch's image rows this process encodes (all of them in one process)."""
         return distributed.shard_positions(n_rows, self.ctx) if self.ctx.active else np.arange(n_rows)
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor):
+        """Encoder output of ``x``: features, or ``(features, tokens)`` for methods that read tokens."""
+        kwargs = {"grid": self.token_grid} if self.token_grid else {}
         with autocast(self.device):
             if self._compiled and not self._compile_checked:
                 try:
-                    out = self.encoder_forward(x)
+                    out = self.encoder_forward(x, **kwargs)
                 except Exception as err:
                     raise RuntimeError(
                         f"torch.compile of the image encoder failed ({type(err).__name__}: {err}); train with "
@@ -156,10 +159,13 @@ class _Trainer:
                     ) from err
                 self._compile_checked = True
                 return out
-            return self.encoder_forward(x)
+            return self.encoder_forward(x, **kwargs)
 
-    def image_features(self, idx: np.ndarray, images=None, *, train: bool) -> torch.Tensor:
-        """Encoder features (float32) of all image rows of the batch ``idx`` (see :func:`batch_image_rows`)."""
+    def image_features(self, idx: np.ndarray, images=None, *, train: bool):
+        """Encoder features (float32) of all image rows of the batch ``idx`` (see :func:`batch_image_rows`).
+
+        Methods that read tokens get ``(features, tokens)`` of the rows, from the same forward pass.
+        """
         rows, _ = batch_image_rows(idx, self.data.neighbors, self.n_neighbors)
         n = rows.size
         pos = self.shard(n)
@@ -175,8 +181,14 @@ class _Trainer:
             x = apply_augmentation(x, params)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        f = self._encode(x).float()
-        return distributed.gather_rows(f, n, self.ctx) if self.ctx.active else f
+        out = self._encode(x)
+        f, tok = (out[0].float(), out[1].float()) if self.token_grid else (out.float(), None)
+        if self.ctx.active:
+            f = distributed.gather_rows(f, n, self.ctx)
+            if tok is not None:
+                shape = tok.shape[1:]
+                tok = distributed.gather_rows(tok.flatten(1), n, self.ctx).view(n, *shape)
+        return f if tok is None else (f, tok)
 
     def batch(self, idx: np.ndarray, images=None, *, train: bool):
         """The :class:`~sthist._engine.methods.Batch` of the spots ``idx`` (with neighbours when the method uses them)."""
@@ -185,7 +197,10 @@ class _Trainer:
                 idx, scaler=self.scaler, n_neighbors=self.n_neighbors, token_scaler=self.token_scaler
             )
         feats = self.image_features(idx, images, train=train)
-        return self.data.make_batch(idx, n_neighbors=self.n_neighbors, row_features=feats)
+        tokens = None
+        if self.token_grid:
+            feats, tokens = feats
+        return self.data.make_batch(idx, n_neighbors=self.n_neighbors, row_features=feats, row_tokens=tokens)
 
     def loss(self, idx: np.ndarray, images=None, *, train: bool = True, batch=None):
         """The loss of the batch ``idx``: the sum of the stage's terms of the method's ``loss``, and all terms.
@@ -397,12 +412,15 @@ def _prepare(
     scaler = None if finetune else FeatureScaler(image_dim).fit(features[train_idx]).to(dev)
     grid = int(getattr(mcfg, "token_grid", 0)) if "tokens" in method_cls.consumes else 0
     token_scaler = None
-    if grid:
-        if finetune:
+    if grid and finetune:
+        # the tokens come from the fine-tuned encoder's forward pass of every batch (unstandardised, as features)
+        if tokens is not None:
             raise ValueError(
-                f"method {method!r} consumes encoder tokens, which are computed in frozen mode only for now; use "
-                "finetune=False."
+                "finetune=True computes the encoder tokens from the patches in every step; drop tokens= (cached tokens "
+                "are for frozen mode)."
             )
+        tokens_dim = int(enc.token_dim)
+    elif grid:
         if tokens is None:
             if frozen_encoder is None:
                 raise ValueError(
@@ -436,7 +454,7 @@ def _prepare(
         tokens=grid or None,
     )
 
-    extra = {"token_dim": int(tokens.shape[2])} if grid else {}
+    extra = {"token_dim": tokens_dim if finetune else int(tokens.shape[2])} if grid else {}
     module = method_cls(image_dim, g, mcfg, **extra).to(dev)
     k_nb = module.n_neighbors
     neighbors = spatial_neighbors(coords, codes, k_nb) if k_nb else None
@@ -444,7 +462,7 @@ def _prepare(
         features=None if finetune else features,
         images=images if finetune else None,
         expression=expression,
-        coords=coords,
+        coords=method_cls.prepare_coords(coords, codes),
         groups=codes,
         neighbors=neighbors,
         tokens=tokens,
@@ -537,13 +555,25 @@ def _enter_stage(run: _Run, stage: Stage) -> None:
     trainer.terms = stage.losses
 
 
-def _epoch_batches(run: _Run, batch_size: int):
-    """A function giving the ``(tag, idx)`` items of one epoch: shuffled training batches, then validation batches."""
+def _epoch_batches(run: _Run, batch_size: int | str):
+    """A function giving the ``(tag, idx)`` items of one epoch: shuffled training batches, then validation batches.
+
+    ``batch_size="section"`` (:data:`~sthist._engine.plan.WHOLE_SECTION`) makes one batch of each section's spots.
+    """
     by_group = run.method_cls.batch_by_group
+    if batch_size == WHOLE_SECTION:
+        batch_size, by_group = max(int(run.expression.shape[0]), 2), True
+    elif not by_group:
+        batch_size = min(int(batch_size), max(int(run.train_idx.size), 2))  # a stage's batch cannot exceed the spots
 
     def items():
         for idx in iter_batches(
-            run.train_idx, batch_size, rng=run.rng, drop_last=not by_group, groups=run.codes, by_group=by_group
+            run.train_idx,
+            batch_size,
+            rng=run.rng,
+            drop_last=run.plan.drop_last and not by_group,
+            groups=run.codes,
+            by_group=by_group,
         ):
             if idx.size >= 2:
                 yield "train", idx
@@ -554,7 +584,7 @@ def _epoch_batches(run: _Run, batch_size: int):
     return items
 
 
-def _loader(run: _Run, batch_size: int):
+def _loader(run: _Run, batch_size: int | str):
     """Iterable over the epochs' ``(tag, idx, images)``: a DataLoader reading patches (fine-tuning) or plain indices."""
     items = _epoch_batches(run, batch_size)
     trainer = run.trainer
@@ -581,6 +611,11 @@ def _loader(run: _Run, batch_size: int):
     return lambda: ((item["tag"], item["idx"].numpy(), item["images"]) for item in loader)
 
 
+def _bank_batch(plan: TrainPlan) -> int:
+    """Spots per batch when embedding the reference bank (at least 256; methods with sets use theirs)."""
+    return max(plan.batch_size, 256)
+
+
 def _val_pearson(run: _Run, outputs: list[tuple[np.ndarray, np.ndarray]]) -> float:
     """Mean Pearson r over genes of the expression predicted for the validation spots.
 
@@ -596,14 +631,14 @@ def _val_pearson(run: _Run, outputs: list[tuple[np.ndarray, np.ndarray]]) -> flo
             run.expression[tr],
             coords=None if run.coords is None else run.coords[tr],
             groups=None if run.codes is None else run.codes[tr],
-            n_neighbors=module.n_neighbors,
+            method=module,
             device=run.device,
         )
         bank = run_batches(
             module,
             data,
             lambda b: module.embed_expression(b.expression, b),
-            max(run.plan.batch_size, 256),
+            expression_batch_size(module, _bank_batch(run.plan)),
             images=False,
         )
         k, weighting, _ = retrieval_settings(method_cls.prediction_defaults, tr.size, None, None)
@@ -701,13 +736,17 @@ def fit(**kwargs: Any) -> ContrastiveModel:
     history: dict[str, Any] = {"train_loss": [], "val_loss": [], "train_components": {}, "stages": []}
     if by_pearson:
         history["val_pearson"] = []
-    epoch_items = _loader(run, plan.batch_size)
     show = run.progress and ctx.is_main
     patience = plan.early_stopping_patience
     global_epoch, best_epoch, stopped_early = 0, -1, False
+    epoch_items, items_batch = None, None
     for s_i, stage in enumerate(run.stages):
         if s_i:
             _enter_stage(run, stage)
+        stage_batch = stage.batch_size or plan.batch_size
+        if stage_batch != items_batch:
+            epoch_items, items_batch = None, None  # ends the previous loader's worker processes
+            epoch_items, items_batch = _loader(run, stage_batch), stage_batch
         sched, base_lr, stage_start = stage.schedule, stage.optimizer.lr, global_epoch
         best_score, best_epoch, best_state, bad_epochs, stopped_early = float("inf"), -1, None, 0, False
         label = method_cls.name if len(run.stages) == 1 else f"{method_cls.name}: {stage.name}"
@@ -830,7 +869,7 @@ def fit(**kwargs: Any) -> ContrastiveModel:
     )
     # the reference bank: expression embeddings of all training spots (training and validation split)
     model.build_bank(
-        run.expression, coords=run.coords, groups=run.groups, batch_size=max(plan.batch_size, 256), device=dev
+        run.expression, coords=run.coords, groups=run.groups, batch_size=_bank_batch(plan), device=dev
     )
     config["embedding_dim"] = int(model.bank_embeddings.shape[1])
     history["seconds"] = float(time.perf_counter() - start_time)

@@ -18,7 +18,7 @@ from .. import _constants as C
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_positive_int
-from ._cv import FOLD_METRICS, prepare_folds, run_folds
+from ._cv import FOLD_METRICS, _reads_tokens, prepare_folds, run_folds
 from ._fit import DEFAULT_ENCODER
 
 if TYPE_CHECKING:
@@ -318,6 +318,7 @@ def benchmark(
         n_top=n_top,
         fit_kwargs=fit_kwargs,
         progress=progress,
+        keep_patches=_reads_tokens(names),
     )
     start = info(
         f"benchmarking {len(names)} methods x {len(prep.folds)} held-out groups of {groupby!r} x {len(seed_list)} seeds"

@@ -88,8 +88,12 @@ def prepare_folds(
     fit_kwargs: dict[str, Any] | None,
     progress: bool,
     nonnegative: bool = True,
+    keep_patches: bool = False,
 ) -> Folds:
-    """Check the input and prepare the folds (features of a frozen encoder are computed once, here)."""
+    """Check the input and prepare the folds (features of a frozen encoder are computed once, here).
+
+    ``keep_patches`` also hands the patches to the folds (methods that read encoder tokens encode them per fit).
+    """
     import anndata as ad
     import pandas as pd
 
@@ -127,11 +131,11 @@ def prepare_folds(
     if spatial_key in adata.obsm:
         obsm[C.SPATIAL_KEY] = np.asarray(adata.obsm[spatial_key])
     used_features = None
-    if finetune:
+    if finetune or keep_patches:
         obsm[C.PATCHES_KEY] = get_patches(adata, patches_key=patches_key)
         if isinstance(adata.uns.get(patches_key), dict):
             uns[C.PATCHES_KEY] = adata.uns[patches_key]
-    else:
+    if not finetune:
         feats = image_features(
             adata,
             encoder=encoder,
@@ -402,6 +406,7 @@ def cross_validate(
         fit_kwargs=fit_kwargs,
         progress=progress,
         nonnegative=predictor.kind == "contrastive",
+        keep_patches=_reads_tokens([method]),
     )
     start = info(f"cross-validating {method!r} over {len(prep.folds)} held-out groups of {groupby!r}")
     table, oof, _ = run_folds(
@@ -441,3 +446,10 @@ def cross_validate(
     )
     info("    finished", time=start)
     return table
+
+
+def _reads_tokens(names) -> bool:
+    """Whether any of the registered contrastive methods ``names`` reads encoder tokens (and so needs the patches)."""
+    from .._engine.methods import METHODS
+
+    return any(n in METHODS and "tokens" in METHODS[n].consumes for n in names)

@@ -107,6 +107,10 @@ def encoder_key(spec: str) -> str:
 # the encoder wrapper
 
 
+def _flat(out: torch.Tensor) -> torch.Tensor:
+    return out if out.ndim == 2 else out.flatten(1)
+
+
 class ImageEncoder(nn.Module):
     """An image encoder: ``forward(x)`` takes float images (B, 3, H, W) in [0, 1] and returns (B, out_dim).
 
@@ -168,11 +172,24 @@ class ImageEncoder(nn.Module):
             )
         return (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
 
-    def forward(self, x):
-        out = self.backbone(self._prepare(x))
-        if out.ndim != 2:
-            out = out.flatten(1)
-        return out
+    def forward(self, x, grid: int = 0):
+        """Pooled features (B, out_dim); with ``grid``, also the :meth:`tokens` of the same pass: ``(features, tokens)``.
+
+        One forward pass gives both for timm models with ``forward_head`` (used when fine-tuning methods that read
+        tokens, so that the pooled features and the tokens see the same weights and augmented images).
+        """
+        xp = self._prepare(x)
+        if not grid:
+            return _flat(self.backbone(xp))
+        grid = check_grid(grid)
+        if isinstance(self.backbone, HEDTexture):
+            return _flat(self.backbone(xp)), self.backbone.cell_features(xp, grid)
+        forward_head = getattr(self.backbone, "forward_head", None)
+        forward_features = getattr(self.backbone, "forward_features", None)
+        if not (callable(forward_head) and callable(forward_features)):
+            return _flat(self.backbone(xp)), grid_tokens(self.backbone, xp, grid, self.spec)
+        feats = forward_features(xp)
+        return _flat(forward_head(feats)), grid_tokens(self.backbone, xp, grid, self.spec, feats=feats)
 
     def tokens(self, x: torch.Tensor, grid: int) -> torch.Tensor:
         """A ``grid x grid`` raster of tokens per image.
@@ -338,6 +355,13 @@ def _probe_out_dim(model: nn.Module, cfg: dict, input_size: int | None) -> int:
 # encoding patches
 
 
+def _uint8_descriptor(encoder: ImageEncoder) -> HEDTexture | None:
+    """The encoder's :class:`HEDTexture` when its normalisation is the identity (as built), else ``None``."""
+    if not isinstance(encoder.backbone, HEDTexture) or encoder.input_size is not None:
+        return None
+    return encoder.backbone if encoder.mean == (0.0, 0.0, 0.0) and encoder.std == (1.0, 1.0, 1.0) else None
+
+
 def _encode_blocks(
     encoder: ImageEncoder,
     patches: Any,
@@ -349,10 +373,13 @@ def _encode_blocks(
     progress: bool,
     desc: str,
     what: str,
+    grid: int | None = None,
 ) -> np.ndarray:
     """Run ``apply(encoder, images)`` on checked patches block by block into a float32 array (n, *tail(encoder)).
 
-    ``tail=None`` takes the trailing shape from the first block's result (no probe of the encoder).
+    ``tail=None`` takes the trailing shape from the first block's result (no probe of the encoder). The
+    ``"hed-texture"`` descriptor reads the uint8 blocks itself (:meth:`HEDTexture.from_uint8`, with ``grid`` for
+    tokens), which gives the same result without a float copy of each block.
 
     The encoder is moved to ``device`` and put in eval mode (its training mode is restored afterwards); inference
     runs under :func:`torch.inference_mode` and bf16 autocast on CUDA. Lazy arrays are read with
@@ -365,6 +392,7 @@ def _encode_blocks(
     dev = resolve_device(device)
     was_training = encoder.training
     encoder = encoder.to(dev).eval()
+    hed = _uint8_descriptor(encoder)
     n = int(patches.shape[0])
     bar = None
     try:
@@ -372,8 +400,11 @@ def _encode_blocks(
         bar = progress_bar(total=n, enabled=progress, desc=f"{desc} ({encoder.spec})", leave=False)
         with torch.inference_mode(), autocast(dev):
             for start, rows in iter_row_blocks(patches, batch_size):
-                x = images_to_tensor(rows, dev)
-                y = apply(encoder, x).float().cpu().numpy()
+                if hed is not None:
+                    y = hed.from_uint8(torch.from_numpy(np.ascontiguousarray(rows)).to(dev), grid)
+                else:
+                    y = apply(encoder, images_to_tensor(rows, dev))
+                y = y.float().cpu().numpy()
                 if out is None:
                     out = np.empty((n, *y.shape[1:]), dtype=np.float32)
                 out[start : start + rows.shape[0]] = y
@@ -478,4 +509,5 @@ def encode_tokens(
         progress=progress,
         desc="encoding tokens",
         what="tokens",
+        grid=grid,
     )

@@ -21,6 +21,32 @@ _OFFLINE_OPTIONS = (
 )
 
 
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split a timm spec into its model name and architecture options: ``"vit_base_patch32_224(depth=8, num_heads=8)"``
+    -> ``("vit_base_patch32_224", {"depth": 8, "num_heads": 8})``.
+
+    Options are ``timm.create_model`` keyword arguments with literal values (numbers, booleans, strings); they
+    change the architecture (e.g. CMRCNet's 8-layer, 8-head ViT-B/32, or tiny networks in tests).
+    """
+    import ast
+
+    spec = spec.strip()
+    if not spec.endswith(")") or "(" not in spec:
+        return spec, {}
+    name, _, args = spec[:-1].partition("(")
+    try:
+        call = ast.parse(f"f({args})", mode="eval").body
+        if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+            raise ValueError
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError) as err:
+        raise ValueError(
+            f"encoder={spec!r}: the options in parentheses must be keyword arguments with literal values, e.g. "
+            "'vit_base_patch32_224(depth=8, num_heads=8)'."
+        ) from err
+    return name.strip(), kwargs
+
+
 class EncoderUnavailableError(RuntimeError):
     """Pretrained weights of an image encoder could not be obtained (no internet, gated model, ...)."""
 
@@ -66,7 +92,13 @@ def _create_timm(spec: str, *, pretrained: bool):
     """
     import timm
 
+    spec, options = parse_spec(spec)
     is_hub = spec.startswith(_HF_PREFIX)
+    if options and pretrained:
+        raise ValueError(
+            f"encoder options {options} change the architecture of {spec!r}, so its pretrained weights do not fit; "
+            "use pretrained=False (random initialisation) or checkpoint= (weights of that architecture)."
+        )
     if not is_hub and not timm.is_model(spec):
         import difflib
 
@@ -76,7 +108,7 @@ def _create_timm(spec: str, *, pretrained: bool):
             f"encoder={spec!r} is neither {HED_SPEC!r}, a timm model name nor 'hf-hub:<org>/<name>'.{hint} "
             "List timm models with `timm.list_models()`."
         )
-    kwargs = _hf_presets(spec) if is_hub else {}
+    kwargs = {**(_hf_presets(spec) if is_hub else {}), **options}
     if not pretrained:
         try:
             # deterministic random initialisation: the same spec always gives the same network

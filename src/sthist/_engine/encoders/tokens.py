@@ -64,7 +64,11 @@ def feature_map(model: nn.Module, x: torch.Tensor, spec: str) -> torch.Tensor:
             f"encoder {spec!r} has no forward_features, so it cannot give token grids; token grids need a timm model "
             "or 'hed-texture'."
         )
-    feats = forward_features(x)
+    return as_feature_map(model, forward_features(x), x, spec)
+
+
+def as_feature_map(model: nn.Module, feats: Any, x: torch.Tensor, spec: str) -> torch.Tensor:
+    """The output ``feats`` of ``model.forward_features(x)`` as a feature map (B, C, h, w); see :func:`feature_map`."""
     if not isinstance(feats, torch.Tensor):
         raise TypeError(
             f"forward_features of encoder {spec!r} returned {type(feats).__name__}, not a tensor, so it cannot give "
@@ -86,7 +90,7 @@ def feature_map(model: nn.Module, x: torch.Tensor, spec: str) -> torch.Tensor:
     )
 
 
-def grid_tokens(model: nn.Module, x: torch.Tensor, grid: int, spec: str) -> torch.Tensor:
+def grid_tokens(model: nn.Module, x: torch.Tensor, grid: int, spec: str, *, feats: Any = None) -> torch.Tensor:
     """Tokens (B, grid * grid, C) of a timm ``model``: its feature map average-pooled to ``grid x grid``, row-major.
 
     Parameters
@@ -99,13 +103,16 @@ def grid_tokens(model: nn.Module, x: torch.Tensor, grid: int, spec: str) -> torc
         Cells per side (a positive integer, already checked); at most the feature map's height and width.
     spec
         The encoder spec, for messages.
+    feats
+        ``model.forward_features(x)`` when the caller has it already (one forward pass for pooled features and
+        tokens).
 
     Raises
     ------
     ValueError
         ``grid`` is finer than the feature map (the tokens would only repeat each other).
     """
-    fmap = feature_map(model, x, spec)
+    fmap = feature_map(model, x, spec) if feats is None else as_feature_map(model, feats, x, spec)
     rows, cols = int(fmap.shape[-2]), int(fmap.shape[-1])
     if grid > rows or grid > cols:
         raise ValueError(

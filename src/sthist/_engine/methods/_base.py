@@ -46,6 +46,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -117,7 +118,11 @@ class Method(nn.Module):
     description: ClassVar[str] = ""
     """One line for the registry (default: the first line of the class docstring)."""
     prediction_defaults: ClassVar[dict[str, Any]] = {}
-    """The paper's retrieval ``k`` and ``weighting``, used by ``predict_expression`` when the caller gives none."""
+    """The paper's retrieval ``k`` and ``weighting``, used by ``predict_expression`` when the caller gives none, and
+    ``max_k_fraction``: the largest share of the bank a default ``k`` may retrieve (1/3 when absent)."""
+    expression_set_size: ClassVar[int | None] = None
+    """Spots per batch when expression embeddings are computed outside training (the reference bank, validation
+    retrieval): ``None`` takes the caller's batch size; set-level methods declare the authors' (mclSTExp: 32)."""
 
     @dataclass
     class Config:
@@ -160,6 +165,18 @@ class Method(nn.Module):
         return int(getattr(self.config, "n_neighbors", 0)) if self.needs_neighbors else 0
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def prepare_coords(cls, coords: np.ndarray | None, groups: np.ndarray | None) -> np.ndarray | None:
+        """The coordinates batches carry (``Batch.coords``), computed once from all spots of a data set.
+
+        ``coords`` are the (n, 2) pixel coordinates, ``groups`` the (n,) section codes (or ``None``). The default
+        returns them unchanged; a method whose spot representation depends on a per-section property (e.g.
+        mclSTExp's grid indices, which need the section's spot pitch) computes it here from whole sections, so that
+        it does not depend on which spots share a batch. Spatial neighbours are always found on the pixel
+        coordinates.
+        """
+        return coords
+
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Named, weighted scalar loss terms of a batch; the engine sums those of the current training stage."""
         raise NotImplementedError

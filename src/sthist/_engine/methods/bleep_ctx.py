@@ -11,12 +11,14 @@ Evidence and the comparison with every method are on the docs page and in the RE
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from ..plan import TrainPlan
 from . import register
 from ._base import Batch, ProjectionHead, check_positive_ints
-from .bleep import BLEEP
+from .bleep import BLEEP, FROZEN_FEATURE_RECIPE
 
 
 @register("bleep_ctx")
@@ -24,6 +26,8 @@ class BLEEPContext(BLEEP):
     """BLEEP whose image embedding sees the spot and the mean of its spatial neighbours' image features."""
 
     needs_neighbors = True
+    recipe: ClassVar[TrainPlan] = FROZEN_FEATURE_RECIPE
+    """sthist's frozen-feature recipe (as ``bleep_es``): up to 100 epochs, early stopping on 10 % of the spots."""
 
     @dataclass
     class Config(BLEEP.Config):

@@ -29,32 +29,30 @@ Reconstruction branch
        instance twice, so the two passes share their weights; so do they here;
     5. the mean over image tokens is the reconstruction of the image embedding.
 
-Image tokens from frozen features
-    The paper's encoder is a ViT-B/32 whose 50 output tokens (7 x 7 patches + class token, 768-d) are mapped to
-    256-d by a linear layer (``latent_linear_768_2_256``) before masking, while the image embedding is the
-    projection of their mean. sthist's encoders give one pooled vector per spot (68-d for ``hed-texture``), so a
-    learned linear *tokeniser* maps it to ``n_image_tokens`` x ``projection_dim`` values, read as tokens: every
-    token is a different linear view of the encoder output, the reconstruction target is the projection of that
-    same output, and in fine-tuning mode the encoder receives gradients through both paths, as the ViT does in the
-    paper. Splitting the raw feature vector into chunks was not chosen because encoder features (hed-texture
-    statistics, CNN channels) have no token order, and tokens cut from the 256-d projection could not be masked
-    without handing the target itself to the decoder.
+Image tokens
+    The paper's encoder is a ViT-B/32 (8 layers, 8 heads, trained from scratch) whose 50 output tokens (7 x 7
+    patches + class token, 768-d) are mapped to 256-d by a linear layer (``latent_linear_768_2_256``) before masking,
+    while the image embedding is the projection of their mean. sthist reads the encoder's ``token_grid x token_grid``
+    tokens (:meth:`~sthist._engine.encoders.ImageEncoder.tokens`: the 49 patch tokens of a ViT-B/32 at 224 px without
+    the class token; the last feature map of a CNN; the per-cell descriptors of ``hed-texture``), standardised in
+    frozen mode, and follows the same path: image embedding = projection of their mean, reconstruction from the
+    masked, linearly mapped tokens. The paper's encoder is ``encoder="vit_base_patch32_224(depth=8, num_heads=8)",
+    pretrained=False, finetune=True``; the tokens then come from the same forward pass as the training step.
+    ``cmrcnet_pooled`` (sthist's variant for encoders or cached features without token grids) makes its tokens
+    from the pooled vector by a learned linear map.
 
 Prediction
     Retrieval, as BLEEP (``inference.py``): image embeddings of the query patches against the bank of expression
     embeddings of the reference spots, cosine similarity, average of the top 50.
 
 Defaults (sources in the authors' repository github.com/ngfufdrdh/CMRCNet)
-    projection_dim 256, dropout 0.1, temperature 1.0 (``config.py``); mask_ratio 0.5 (``mask_prob=0.5``), 8 gene
-    tokens (2048 / 256), 4 heads in the first cross-attention, 8 heads and 2 passes in the fusion block
-    (``models.py``). ``n_image_tokens`` is 8, not the paper's 50 ViT tokens: with one pooled vector per spot the
-    extra tokens are only further linear views of the same vector, and 8 keeps CPU training of the sthist her2st
-    benchmark (about 550 spots x 785 genes) within a few minutes. Training (``recipe``, the training plan
-    the engine runs unless the caller overrides it): AdamW lr 1e-4, weight decay 1e-3, batch size 64, at
-    most 60 epochs, the best validation epoch kept (``config.py``, ``train.py``); the paper decays the lr to 1e-5
-    with a cosine schedule, the shared loop keeps it constant and stops early after 10 epochs without a lower
-    validation loss. The paper trains a ViT-B/32 from scratch on 224 x 224 patches with flips and 90 degree
-    rotations (``dataset.py``); sthist's default is frozen features.
+    projection_dim 256, dropout 0.1, temperature 1.0 (``config.py``); mask_ratio 0.5 (``mask_prob=0.5``: the
+    elements with ``rand < 0.5`` are kept), 8 gene tokens (2048 / 256), 4 heads in the first cross-attention, 8 heads
+    and 2 passes in the fusion block (``models.py``), a 7 x 7 token grid (the ViT-B/32's patch tokens). Training
+    (``recipe``): AdamW lr 1e-4, weight decay 1e-3, cosine decay to 1e-5 over 60 epochs (``WarmupCosineLR`` with no
+    warm-up, i.e. ``CosineAnnealingLR``), batch 64, the epoch with the lowest validation loss kept (``train.py``);
+    the authors validate on separate samples, sthist on 10 % of the training spots. The paper trains on 224 x 224
+    patches with flips and 90 degree rotations (``dataset.py``); sthist's default is frozen ``hed-texture`` tokens.
 
 Citation
     Liu, J., Eckstein, M., Wang, Z., Feuerhake, F., Merhof, D. Spatial transcriptomics expression prediction from
@@ -71,7 +69,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..plan import Optim, TrainPlan
+from ..plan import Optim, Schedule, TrainPlan
 from . import register
 from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
@@ -149,8 +147,10 @@ class FusionBlock(nn.Module):
 
 @register("cmrcnet")
 class CMRCNet(Method):
-    """CMRCNet: BLEEP-style contrastive heads plus cross-modal masked reconstruction of the image embedding.
+    """CMRCNet: BLEEP-style contrastive heads plus cross-modal masked reconstruction of the encoder's image tokens.
 
+    The image embedding is the projection of the mean of the encoder's ``token_grid x token_grid`` tokens; the
+    reconstruction branch masks those tokens, lets them read gene tokens and must reconstruct the image embedding.
     Prediction is by retrieval (cosine similarity, top-50 average in the authors' ``inference.py``); the
     reconstruction branch is used in training only. See the module docstring for the loss and the defaults.
     """
@@ -158,11 +158,18 @@ class CMRCNet(Method):
     prediction = "retrieval"
     needs_neighbors = False
     similarity = "cosine"
+    consumes: ClassVar[tuple[str, ...]] = ("features", "tokens")
     recipe: ClassVar[TrainPlan] = TrainPlan(
-        optimizer=Optim("adamw", lr=1e-4, weight_decay=1e-3), batch_size=64, max_epochs=60
+        optimizer=Optim("adamw", lr=1e-4, weight_decay=1e-3),
+        schedule=Schedule("cosine", min_lr=1e-5),
+        batch_size=64,
+        max_epochs=60,
+        validation_fraction=0.1,
+        early_stopping_patience=None,
+        select_on="val_loss",
     )
-    """The authors' training settings (``config.py``: AdamW lr 1e-4, weight decay 1e-3, batch 64, 60 epochs); their
-    cosine decay of the lr to 1e-5 is not part of this recipe yet (the plan's schedule can express it)."""
+    """The authors' ``config.py`` / ``train.py``: AdamW (lr 1e-4, weight decay 1e-3), cosine decay to 1e-5 over 60
+    epochs, batch 64, the epoch with the lowest validation loss kept (no early stopping)."""
     prediction_defaults: ClassVar[dict[str, Any]] = {"k": 50, "weighting": "average"}
     """The authors' ``inference.py``: plain average of the top 50 reference spots."""
 
@@ -178,9 +185,8 @@ class CMRCNet(Method):
             Dropout in the projection heads (0.1, ``config.py``).
         temperature
             Temperature of the contrastive loss (1.0, ``config.py``).
-        n_image_tokens
-            Image tokens made from the encoder output by a learned linear tokeniser (8; the paper's ViT-B/32 has
-            50, see the module docstring).
+        token_grid
+            Side of the grid of encoder tokens (7: the 7 x 7 patch tokens of a ViT-B/32 at 224 px).
         n_gene_tokens
             Gene tokens made by the self-normalising block (8 = 2048 / 256, ``models.py``).
         mask_ratio
@@ -196,7 +202,7 @@ class CMRCNet(Method):
         projection_dim: int = 256
         dropout: float = 0.1
         temperature: float = 1.0
-        n_image_tokens: int = 8
+        token_grid: int = 7
         n_gene_tokens: int = 8
         mask_ratio: float = 0.5
         attention_heads: int = 4
@@ -205,7 +211,7 @@ class CMRCNet(Method):
 
         def __post_init__(self):
             check_positive_ints(
-                self, "projection_dim", "n_image_tokens", "n_gene_tokens", "attention_heads", "fusion_heads"
+                self, "projection_dim", "token_grid", "n_gene_tokens", "attention_heads", "fusion_heads"
             )
             if (
                 isinstance(self.fusion_layers, bool)
@@ -229,39 +235,57 @@ class CMRCNet(Method):
             if isinstance(self.temperature, bool) or not float(self.temperature) > 0.0:
                 raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
 
-    def __init__(self, image_dim: int, n_genes: int, config: Config | None = None):
-        super().__init__(image_dim, n_genes, config)
+    def __init__(self, image_dim: int, n_genes: int, config: Config | None = None, *, token_dim: int = 0):
+        super().__init__(image_dim, n_genes, config, token_dim=token_dim)
         cfg = self.config
         dim = cfg.projection_dim
+        width = self._token_width()
         # contrastive branch (the only one used at prediction time)
-        self.image_projection = ProjectionHead(image_dim, dim, cfg.dropout)
+        self.image_projection = ProjectionHead(width, dim, cfg.dropout)
         self.spot_projection = ProjectionHead(n_genes, dim, cfg.dropout)
         # reconstruction branch
-        self.image_tokenizer = nn.Linear(image_dim, cfg.n_image_tokens * dim)
+        self._build_image_tokenizer(width, dim)
         self.gene_tokenizer = nn.Sequential(
             nn.Linear(n_genes, cfg.n_gene_tokens * dim), nn.ELU(), nn.AlphaDropout(p=0.25)
         )
         self.first_attention = nn.MultiheadAttention(dim, cfg.attention_heads, bias=True, batch_first=True)
         self.fusion = FusionBlock(dim, cfg.fusion_heads)
 
+    def _token_width(self) -> int:
+        if self.token_dim < 1:
+            raise ValueError("method 'cmrcnet' reads encoder tokens: build it with token_dim= (the tokens' width).")
+        return self.token_dim
+
+    def _build_image_tokenizer(self, width: int, dim: int) -> None:
+        # the authors' latent_linear_768_2_256: encoder tokens to the width of the fusion tokens
+        self.token_projection = nn.Linear(width, dim)
+
+    def _encoder_tokens(self, batch: Batch | None) -> torch.Tensor:
+        if batch is None or batch.img_tokens is None:
+            raise ValueError(
+                "method 'cmrcnet' reads the encoder's token grid of each patch; the batch has none (pass images=, or "
+                "tokens= with features=)."
+            )
+        return batch.img_tokens
+
     # ---- hooks ---------------------------------------------------------------------------------------------------
     def embed_image(self, img_feats: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
-        return self.image_projection(img_feats)
+        return self.image_projection(self._encoder_tokens(batch).mean(dim=1))
 
     def embed_expression(self, expr: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         return self.spot_projection(expr)
 
-    def image_tokens(self, img_feats: torch.Tensor) -> torch.Tensor:
-        """(B, n_image_tokens, projection_dim) tokens of the encoder output."""
-        return self.image_tokenizer(img_feats).view(img_feats.shape[0], self.config.n_image_tokens, -1)
+    def image_tokens(self, img_feats: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        """(B, T, projection_dim) image tokens of the reconstruction branch (before masking)."""
+        return self.token_projection(self._encoder_tokens(batch))
 
     def gene_tokens(self, expr: torch.Tensor) -> torch.Tensor:
         """(B, n_gene_tokens, projection_dim) tokens of the expression profile."""
         return self.gene_tokenizer(expr).view(expr.shape[0], self.config.n_gene_tokens, -1)
 
-    def reconstruct(self, img_feats: torch.Tensor, expr: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, img_feats: torch.Tensor, expr: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """(B, projection_dim) reconstruction of the image embedding from masked image tokens and gene tokens."""
-        tokens = self.image_tokens(img_feats)
+        tokens = self.image_tokens(img_feats, batch)
         keep = torch.rand(tokens.shape, device=tokens.device) >= self.config.mask_ratio
         tokens = tokens * keep.to(tokens.dtype)
         genes = self.gene_tokens(expr)
@@ -274,6 +298,51 @@ class CMRCNet(Method):
         img = self.embed_image(batch.img_feats, batch)
         spot = self.embed_expression(batch.expression, batch)
         contrastive = torch.log1p(soft_clip_loss_per_spot(img.float(), spot.float(), self.config.temperature)).mean()
-        recon = self.reconstruct(batch.img_feats, batch.expression)
+        recon = self.reconstruct(batch.img_feats, batch.expression, batch)
         reconstruction = torch.log1p(F.mse_loss(recon.float(), img.float()))
         return {"contrastive": contrastive, "reconstruction": reconstruction}
+
+
+@register("cmrcnet_pooled")
+class CMRCNetPooled(CMRCNet):
+    """CMRCNet on one pooled feature vector per patch: image tokens are learned linear views of it.
+
+    sthist's CMRCNet before its recipe was made faithful, for encoders or cached features without token grids: a
+    learned linear tokeniser maps the pooled encoder output to ``n_image_tokens`` tokens, the image embedding is the
+    projection of the pooled output, and training keeps the lr constant with early stopping after 10 epochs
+    without a lower validation loss. The fidelity table of the method page compares the two on her2st.
+    """
+
+    consumes: ClassVar[tuple[str, ...]] = ("features",)
+    recipe: ClassVar[TrainPlan] = TrainPlan(
+        optimizer=Optim("adamw", lr=1e-4, weight_decay=1e-3), batch_size=64, max_epochs=60
+    )
+
+    @dataclass
+    class Config(CMRCNet.Config):
+        """CMRCNet's hyper-parameters plus the number of image tokens made from the pooled vector.
+
+        Attributes
+        ----------
+        n_image_tokens
+            Image tokens made from the encoder output by a learned linear tokeniser (8).
+        """
+
+        n_image_tokens: int = 8
+
+        def __post_init__(self):
+            super().__post_init__()
+            check_positive_ints(self, "n_image_tokens")
+
+    def _token_width(self) -> int:
+        return self.image_dim
+
+    def _build_image_tokenizer(self, width: int, dim: int) -> None:
+        self.image_tokenizer = nn.Linear(width, self.config.n_image_tokens * dim)
+
+    def embed_image(self, img_feats: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        return self.image_projection(img_feats)
+
+    def image_tokens(self, img_feats: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        """(B, n_image_tokens, projection_dim) tokens of the encoder output."""
+        return self.image_tokenizer(img_feats).view(img_feats.shape[0], self.config.n_image_tokens, -1)

@@ -18,10 +18,17 @@ Patches come from the toy generator (H&E-like, so zarr compression behaves as on
 ``batch_size * (warmup + steps)`` spots. On CUDA: bf16 autocast, channels_last (convolutional encoders), pinned
 memory and ``--num-workers`` reader processes (default: the engine's automatic choice).
 
+``--hed-texture`` measures instead the weight-free ``hed-texture`` encoder on the CPU: ``encode_patches`` on 224 px
+uint8 H&E-like patches with ``--threads`` (default 2) torch threads, the current implementation and the
+straightforward one it replaced (``ReferenceHED`` in ``tests/test_hed_fast.py``, through the old float path) side by
+side, interleaved over ``--repeats`` rounds (medians), together with decoding the her2st C3 JPEG with PIL
+(seconds and megapixels per second) as a yardstick of the machine. Result: ``results/throughput.json``.
+
 Usage::
 
     python benchmarks/throughput.py                       # CPU: resnet18, 112 px, batch 32, 1 thread
     python benchmarks/throughput.py --device cuda         # GPU: resnet50, 224 px, batch 256
+    python benchmarks/throughput.py --hed-texture --root ../shared/data/her2st   # hed-texture, 2 threads
 """
 
 from __future__ import annotations
@@ -190,8 +197,91 @@ def prediction_runner(model, images, dev, batch_size):
     return timed
 
 
+def hed_texture_benchmark(args) -> None:
+    """patches/s of hed-texture (new vs reference) and the C3 JPEG decode, side by side; writes the JSON."""
+    import importlib.util
+    import os
+
+    import torch
+    from PIL import Image
+
+    from sthist._engine.encoders import ImageEncoder, build_image_encoder, encode_patches
+
+    torch.set_num_threads(args.threads)
+    spec = importlib.util.spec_from_file_location("test_hed_fast", HERE.parent / "tests" / "test_hed_fast.py")
+    ref_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref_module)
+    new = build_image_encoder("hed-texture")
+    old = ImageEncoder(  # the reference is not an HEDTexture: encode_patches takes the old float path for it
+        ref_module.ReferenceHED(),
+        spec="hed-texture",
+        out_dim=68,
+        input_size=None,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        pretrained=False,
+        checkpoint=None,
+    ).eval()
+    patches, _ = make_patches(args.n_patches, 224)
+    jpgs = sorted((Path(args.root) / "data" / "ST-imgs" / "C" / "C3").glob("*.jpg"))
+    jpg = jpgs[0] if jpgs else None
+    runners = {
+        "hed_texture_new": lambda: encode_patches(new, patches, batch_size=64, device="cpu", progress=False),
+        "hed_texture_reference": lambda: encode_patches(old, patches, batch_size=64, device="cpu", progress=False),
+    }
+    runners["hed_texture_new"](), runners["hed_texture_reference"]()  # warm-up
+    samples: dict[str, list[float]] = {k: [] for k in [*runners, "jpeg_decode_seconds"]}
+    megapixels = None
+    for r in range(args.repeats):
+        for name, fn in runners.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append(len(patches) / (time.perf_counter() - t))
+        if jpg is not None:
+            t = time.perf_counter()
+            with Image.open(jpg) as im:
+                arr = np.asarray(im.convert("RGB"))
+            samples["jpeg_decode_seconds"].append(time.perf_counter() - t)
+            megapixels = arr.shape[0] * arr.shape[1] / 1e6
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in samples.items() if v))
+    med = {k: statistics.median(v) for k, v in samples.items() if v}
+    result = {
+        "benchmark": "throughput_hed_texture",
+        "unit": "patches per second (median over repeats); JPEG decode in seconds and megapixels per second",
+        "settings": {
+            "patch_size": 224,
+            "n_patches": len(patches),
+            "batch_size": 64,
+            "torch_threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+            "patches": "toy H&E-like patches (sthist.datasets.toy, 224 px)",
+            "reference": "ReferenceHED in tests/test_hed_fast.py through the float path (images_to_tensor, _prepare)",
+            "jpeg": str(jpg) if jpg is not None else None,
+            "load_average_before": os.getloadavg(),
+        },
+        "median": {k: round(v, 3) for k, v in med.items()},
+        "samples": {k: [round(x, 3) for x in v] for k, v in samples.items()},
+        "speedup_new_over_reference": round(med["hed_texture_new"] / med["hed_texture_reference"], 2),
+        "target": ">= 1,500 patches/s on 2 cores, >= 10x the reference",
+        "platform": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+        "versions": {p: version(p) for p in ("sthist", "torch", "numpy", "pillow")},
+    }
+    if megapixels is not None:
+        result["jpeg_megapixels"] = round(megapixels, 2)
+        result["median"]["jpeg_decode_megapixels_per_second"] = round(megapixels / med["jpeg_decode_seconds"], 1)
+    result["settings"]["load_average_after"] = os.getloadavg()
+    out = Path(args.out) if args.out else HERE / "results" / "throughput.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"median": result["median"], "speedup": result["speedup_new_over_reference"]}, indent=1))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hed-texture", action="store_true", help="benchmark the hed-texture encoder (CPU) instead")
+    parser.add_argument("--root", default="../shared/data/her2st", help="her2st folder (--hed-texture: C3 JPEG)")
+    parser.add_argument("--n-patches", type=int, default=512, help="--hed-texture: patches per repeat")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--encoder", default=None, help="timm model (default: resnet18 on CPU, resnet50 on CUDA)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 256 on CUDA")
@@ -200,10 +290,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 5 CUDA)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: automatic)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1; --hed-texture: 2)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (ceiling and training)")
     parser.add_argument("--out", default=None, help="JSON path (default: results/throughput_<device>.json)")
     args = parser.parse_args()
+    if args.hed_texture:
+        args.threads = args.threads or 2
+        args.repeats = args.repeats if args.repeats != 3 else 5
+        return hed_texture_benchmark(args)
+    args.threads = args.threads or 1
 
     import torch
     import zarr

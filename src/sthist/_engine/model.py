@@ -72,7 +72,9 @@ def retrieval_settings(prediction_defaults: dict[str, Any], n_bank: int, k: int 
     fraction = float(prediction_defaults.get("max_k_fraction", 1 / 3))
     cap = max(1, int(n_bank * fraction + 1e-9))
     if k > cap:
-        share = "a third" if abs(fraction - 1 / 3) < 1e-9 else f"{fraction:g}"
+        if fraction >= 1.0:
+            return cap, weighting, f"k reduced to {cap}, all {n_bank} reference spots"
+        share = "a third" if abs(fraction - 1 / 3) < 1e-9 else f"{fraction:.0%}"
         return cap, weighting, f"k reduced to {cap}, {share} of the {n_bank} reference spots"
     return k, weighting, None
 

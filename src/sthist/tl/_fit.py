@@ -19,7 +19,11 @@ if TYPE_CHECKING:
     from .._engine.plan import TrainPlan
 
 DEFAULT_ENCODER = "hed-texture"
-METHODS_DOC = "see :func:`sthist.tl.methods` (``'bleep'``, ``'mclstexp'``, ``'nh2st'``, ``'stgchb'``, ``'cmrcnet'``, ``'bleep_ctx'``)"
+METHODS_DOC = (
+    "see :func:`sthist.tl.methods`: the published recipes ``'bleep'``, ``'mclstexp'``, ``'nh2st'``, ``'stgchb'``, "
+    "``'cmrcnet'``; sthist's variants ``'bleep_es'``, ``'mclstexp_section'``, ``'nh2st_ctx'``, ``'stgchb_joint'``, "
+    "``'cmrcnet_pooled'``; and ``'bleep_ctx'``"
+)
 
 
 @inject_docs
@@ -95,16 +99,20 @@ def fit_contrastive(
         model selection); ``None`` runs the method's published recipe (``sthist.tl.methods()`` and the method's
         docs page list it). The settings below override single fields of it.
     max_epochs, batch_size, lr, weight_decay
-        Training length and optimiser settings; ``None`` keeps the plan's. A recipe's batch larger than the
-        training spots is reduced to fit, with a log message; a ``batch_size`` given here is not.
+        Training length and optimiser settings; ``None`` keeps the plan's (``max_epochs`` sets the epochs of every
+        stage; ``batch_size`` the plan's batch, not that of stages with their own). A recipe's batch larger than
+        the training spots is reduced to fit, with a log message; a ``batch_size`` given here is not. Another
+        optimiser or schedule: pass ``plan=``.
     validation_fraction
-        Fraction of spots held out for early stopping and model selection (plan default 0.1).
+        Fraction of spots held out for early stopping and model selection (``None``: the recipe's, e.g. 0.2 for
+        BLEEP, 0 for mclSTExp and ST-GCHB, whose authors keep the last epoch).
     early_stopping_patience
         Epochs without validation improvement before stopping (the best weights are restored); ``'recipe'``
-        keeps the plan's (10 in every recipe today); ``None`` trains every epoch.
+        keeps the plan's (20 for NH2ST, 10 for sthist's variants, none for the other published recipes);
+        ``None`` trains every epoch.
     select_on
-        Model selection: ``'val_loss'`` (plan default) or ``'val_pearson'``, the mean Pearson r over genes of the
-        expression predicted for the validation spots.
+        Model selection: ``'val_loss'`` or ``'val_pearson'``, the mean Pearson r over genes of the expression
+        predicted for the validation spots (``None``: the recipe's; NH2ST's is ``'val_pearson'``).
     augment
         Augment patches when fine-tuning (plan default True).
     spatial_key

@@ -135,9 +135,8 @@ class BLEEPEarlyStopping(BLEEP):
     """BLEEP trained with sthist's frozen-feature recipe: up to 100 epochs, early stopping on 10 % of the spots.
 
     The same model, loss and retrieval as ``bleep``; only the training plan differs. The authors' 4 epochs fine-tune
-    a pretrained ResNet-50 on about 9,000 spots; on a few thousand spots of frozen features 4 epochs of batch 256 are
-    a few dozen optimiser steps, which leaves the projection heads far from converged (see the fidelity table of the
-    method page).
+    a pretrained ResNet-50 on about 9,000 spots (about 140 optimiser steps); on the few hundred training spots of a
+    her2st fold, 4 epochs of batch 256 are 4 steps (see the fidelity table of the method page).
     """
 
     recipe: ClassVar[TrainPlan] = FROZEN_FEATURE_RECIPE

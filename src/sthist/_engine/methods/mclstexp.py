@@ -1,33 +1,33 @@
 """mclSTExp: multimodal contrastive learning with a Transformer over spots (Min et al., Brief. Bioinform. 2024).
 
 Idea
-    Spots are "words" and a set of spots of one section is a "sentence". The expression side adds learnable
+    Spots are "words" and a set of spots is a "sentence". The expression side adds learnable
     x and y position embeddings to each spot's expression profile and runs a Transformer encoder over the set,
     so that every spot's embedding carries the context of the other spots; a projection head maps it into the
     joint space. The image side is the image encoder's features through a projection head (no positions, no
     context). A standard CLIP loss aligns the two.
 
 Loss
-    With ``logits = spot_emb @ img_emb.T / T`` over a batch (one section) and the diagonal as the only positive
+    With ``logits = spot_emb @ img_emb.T / T`` over a batch and the diagonal as the only positive
     pairs (hard labels): ``(CE(logits, diag) + CE(logits.T, diag)) / 2``, mean over spots.
 
 Prediction (retrieval)
     The query spot's image embedding is compared (cosine) with the expression embeddings of the reference bank;
     the expression of the top ``k`` reference spots is averaged with weights proportional to ``1 / d**2``, d the
-    L1 distance between the raw query and key embeddings. Recommended: ``k=200`` (authors' ``evel_*.py``) clipped
-    to a fraction of small banks (:func:`recommended_k`), ``weighting="distance"``, e.g.
-    ``sthist.tl.predict_expression(adata, model, k=recommended_k(model.bank_embeddings.shape[0]),
-    weighting="distance")``. Query spots need no coordinates: the image side does not use them.
+    L1 distance between the raw query and key embeddings: ``k=200`` (authors' ``evel_*.py``; all of a smaller bank)
+    and ``weighting="distance"`` are the defaults of ``predict_expression``. Query spots need no coordinates: the
+    image side does not use them.
 
 Positions
     The authors index ``nn.Embedding(65536, n_genes)`` tables with the ST array coordinates (her2st, cSCC: integer
     spot grid indices) or with full-resolution pixel coordinates (10x Visium). Here the indices come from the
-    full-resolution pixel coordinates of the spots (``batch.coords``) by :func:`grid_positions`: the spot pitch is
-    measured in the set, coordinates are quantised in units of about half a pitch (so the spacing of the indices does
+    full-resolution pixel coordinates of the spots by :func:`grid_positions`, once per whole section
+    (:meth:`MclSTExp.prepare_coords`, so a spot has the same index whichever spots share its batch): the spot pitch is
+    measured in the section, coordinates are quantised in units of about half a pitch (so the spacing of the indices does
     not depend on the image resolution, and the shifted rows of Visium's hexagonal grid stay apart), counted from the image
     origin (so a spot has the same index in every batch) and wrapped modulo ``n_positions`` (256: more than the
     about 135 half-pitches that a 6.5 mm Visium or ST capture area spans, so no two spots of a section share an
-    index on either axis). Sets of a single spot get index 0.
+    index on either axis). Sections of a single spot get index 0.
 
 Defaults and their sources (authors' code, github.com/ZhicengShi/mclSTExp)
     * ``model.py`` (``mclSTExp_Attention``): ``x_embed``/``y_embed`` = ``nn.Embedding(65536, n_genes)`` added to the
@@ -41,11 +41,16 @@ Defaults and their sources (authors' code, github.com/ZhicengShi/mclSTExp)
     * ``evel_her2st.py``: the bank's expression embeddings are computed in batches (sets) of 32 spots; cosine top
       200; weights ``1 / (L1 distance)**2``.
 
+Training recipe (``recipe``, the authors' ``train.py``): Adam (lr 1e-4, L2 weight decay 1e-3), batches of 128 spots
+shuffled over all training sections (the authors' ``DataLoader``; the paper's text speaks of "a sentence of spots of
+a slice", the code mixes slices: sthist follows the code), 90 epochs, no validation, the last epoch kept. The bank is
+embedded in sets of 32 consecutive spots (``expression_set_size``). Batches are split evenly (at most 128 spots,
+e.g. 3 x 110 of 330) rather than 128 + a remainder.
+
 Departures: the position tables have ``n_positions`` (256) rows instead of 65536 (the authors' tables hold 2 x 65536
-x g weights, about 400 MB for 785 genes, almost all never used); training settings (optimiser, lr, batch size,
-epochs) are the class's ``recipe`` (AdamW lr 1e-4, batch 128, 90 epochs), see ``docs/methods/mclstexp.md``. The authors' ``DataLoader``
-shuffles spots of all training sections together, whereas sthist batches one section at a time
-(``batch_by_group``), as the paper's "a sentence of spots of a slice" describes.
+x g weights, about 400 MB for 785 genes, almost all never used), see ``docs/methods/mclstexp.md``.
+``mclstexp_section`` (sthist's variant) holds one section per set, embeds the bank in sets of up to 256 spots of
+one section, trains with AdamW and early stopping and caps a default ``k`` at a third of the bank.
 
 Citation: Min W, Shi Z, Zhang J, Wan J, Wang C. Multimodal contrastive learning for spatial gene expression
 prediction using histology images. Briefings in Bioinformatics 25(6), bbae551 (2024). arXiv:2407.08216.
@@ -204,10 +209,10 @@ class _Block(nn.Module):
 
 @register("mclstexp")
 class MclSTExp(Method):
-    """mclSTExp: position embeddings + a Transformer over the spots of a section on the expression side, CLIP loss.
+    """mclSTExp: position embeddings + a Transformer over a set of spots on the expression side, CLIP loss.
 
     Prediction is by retrieval (cosine similarity, top ``k``); the paper weights the retrieved profiles by
-    1 / d^2 (``weighting="distance"``) over the top 200 (:func:`recommended_k` for small banks). Expression
+    1 / d^2 (``weighting="distance"``) over the top 200 (:func:`recommended_k`). Expression
     embeddings need the spots' coordinates (``coords=``); image embeddings, hence predictions, do not.
     """
 
@@ -342,8 +347,9 @@ class MclSTExp(Method):
 class MclSTExpSection(MclSTExp):
     """mclSTExp whose sets of spots are single sections, with sthist's early stopping and a bank-relative ``k``.
 
-    sthist's mclSTExp before its recipe was made faithful: every training batch (a "sentence" of spots) holds spots
-    of one section, as the paper's text describes, the bank is embedded in sets of up to 256 spots of one section,
+    sthist's mclSTExp before its recipe was made faithful (except that grid positions now come from whole sections,
+    as in ``mclstexp``): every training batch (a "sentence" of spots) holds spots of one section, as the paper's text
+    describes, the bank is embedded in sets of up to 256 spots of one section,
     AdamW (lr 1e-4, weight decay 1e-3) with early stopping on 10 % of the spots, and a default ``k`` of 200 capped at
     a third of small banks. The fidelity table of the method page compares the two on her2st.
     """

@@ -389,7 +389,9 @@ class NH2ST(Method):
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
     def embed_image(self, img_feats: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The decoder's input: ``h_p + n_p`` (or ``h_p``), from image features of the spot and its neighbours only."""
+        """The decoder's input: ``h_p`` (or ``h_p + n_p``), from image features of the spot and its neighbours only."""
+        if not self.config.neighbor_context:
+            return self.image_encoder(img_feats)  # the authors' decoder input; the neighbour branch trains phi_p only
         h_p, n_p, *_ = self._image_side(img_feats, batch)
         return self._decoder_input(h_p, n_p)
 

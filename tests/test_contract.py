@@ -88,18 +88,25 @@ def test_every_method_declares_a_recipe_the_engine_resolves():
 def test_engine_and_tl_run_the_same_recipe(prepared_toy):
     adata = prepared_toy()
     adata = adata[adata.obs["section"] == "toy_0"].copy()
-    model = st.tl.fit_contrastive(adata, method="cmrcnet", layer="targets", max_epochs=2, progress=False)
+    # cmrcnet reads encoder tokens: a 3 x 3 grid of hed-texture cells fits the 48 px patches (the paper's 7 x 7 not)
+    kwargs = {"token_grid": 3}
+    model = st.tl.fit_contrastive(
+        adata, method="cmrcnet", layer="targets", max_epochs=2, method_kwargs=kwargs, progress=False
+    )
     expr = adata.layers["targets"]
     direct = train.fit(
         method="cmrcnet",
         expression=expr,
         genes=list(adata.var_names),
-        features=adata.obsm["X_hed_texture"],
+        images=adata.obsm["patches"],  # the engine encodes the features and the tokens itself, as tl has it do
         max_epochs=2,
+        method_kwargs=kwargs,
         progress=False,
     )
     assert model.config["plan"] == direct.config["plan"]
     assert model.config["plan"]["optimizer"] == {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-3, "momentum": 0.9}
+    assert model.config["plan"]["schedule"]["name"] == "cosine" and model.config["plan"]["schedule"]["min_lr"] == 1e-5
+    assert model.inputs.tokens == direct.inputs.tokens == 3
     assert direct.history["train_loss"] == model.history["train_loss"]
 
 
@@ -327,10 +334,17 @@ def test_cross_validate_inplace_false_leaves_adata_unchanged(prepared_toy):
 
 def test_early_stopping_none_trains_every_epoch(toy_split):
     ref, _ = toy_split()
-    full = st.tl.fit_contrastive(ref, layer="targets", max_epochs=25, early_stopping_patience=None, progress=False)
+    # bleep_es's recipe stops early (patience 10); None switches it off
+    full = st.tl.fit_contrastive(
+        ref, method="bleep_es", layer="targets", max_epochs=25, early_stopping_patience=None, progress=False
+    )
     assert len(full.history["train_loss"]) == 25 and full.config["plan"]["early_stopping_patience"] is None
+    # BLEEP's recipe does not stop early; a patience switches it on
     early = st.tl.fit_contrastive(ref, layer="targets", max_epochs=25, early_stopping_patience=2, progress=False)
     assert early.config["plan"]["early_stopping_patience"] == 2
     assert len(early.history["train_loss"]) < 25 and early.history["stopped_early"]
-    default = st.tl.fit_contrastive(ref, layer="targets", max_epochs=3, progress=False)
-    assert default.config["plan"]["early_stopping_patience"] == 10  # "recipe": the plan's
+    # "recipe" (the default): the plan's
+    default = st.tl.fit_contrastive(ref, method="bleep_es", layer="targets", max_epochs=3, progress=False)
+    assert default.config["plan"]["early_stopping_patience"] == 10
+    bleep = st.tl.fit_contrastive(ref, layer="targets", max_epochs=3, progress=False)
+    assert bleep.config["plan"]["early_stopping_patience"] is None and len(bleep.history["train_loss"]) == 3

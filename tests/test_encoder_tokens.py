@@ -115,6 +115,21 @@ def test_vit_token_shapes_drop_the_class_token(vit, patches):
     np.testing.assert_allclose(tok7, ref7, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["hed-texture", CNN, VIT])
+def test_forward_with_grid_gives_features_and_tokens_of_one_pass(spec, hed, cnn, vit, patches):
+    # fine-tuning methods that read tokens: ImageEncoder.forward(x, grid) = (forward(x), tokens(x, grid))
+    enc = {"hed-texture": hed, CNN: cnn, VIT: vit}[spec]
+    x = _images(patches[:2])
+    with torch.no_grad():
+        feats, tok = enc(x, grid=2)
+        torch.testing.assert_close(feats, enc(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tok, enc.tokens(x, 2), rtol=1e-5, atol=1e-5)
+        assert isinstance(enc(x, grid=0), torch.Tensor)  # no grid: the pooled features only
+    assert feats.shape == (2, enc.out_dim) and tok.shape == (2, 4, enc.token_dim)
+    with pytest.raises(ValueError, match="grid must be a positive integer"):
+        enc(x, grid=-1)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # determinism, lazy input, encoder state
 

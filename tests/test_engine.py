@@ -24,8 +24,9 @@ from sthist._engine.encoders import (
     encoder_key,
 )
 from sthist._engine.methods import METHODS, Method, ProjectionHead, get_method, register
-from sthist._engine.methods.bleep import BLEEP, soft_clip_loss
+from sthist._engine.methods.bleep import BLEEP, FROZEN_FEATURE_RECIPE, BLEEPEarlyStopping, soft_clip_loss
 from sthist._engine.model import ContrastiveModel, ModelFileError
+from sthist._engine.plan import TrainPlan
 from sthist._engine.train import fit
 
 torch.set_num_threads(1)
@@ -49,6 +50,7 @@ def _gene_r(pred, true):
     return (p * t).sum(0) / np.sqrt((p * p).sum(0) * (t * t).sum(0))
 
 
+# BLEEP's recipe (4 epochs of batch 256) lengthened to 30 epochs of 128 so that the 384 training spots converge
 FAST = {"max_epochs": 30, "batch_size": 128, "progress": False, "device": "cpu"}
 
 
@@ -123,6 +125,29 @@ def test_projection_head_is_bleeps():
     assert BLEEP.prediction == "retrieval" and BLEEP.similarity == "cosine" and not BLEEP.needs_neighbors
 
 
+def test_bleep_recipe_is_the_authors():
+    # BLEEP_main.py: AdamW (lr 1e-3, weight decay 1e-3), batch 256, 4 epochs, 80/20 split, best validation epoch kept
+    r = BLEEP.recipe
+    assert (r.optimizer.name, r.optimizer.lr, r.optimizer.weight_decay) == ("adamw", 1e-3, 1e-3)
+    assert (r.batch_size, r.max_epochs, r.validation_fraction) == (256, 4, 0.2)
+    assert (r.early_stopping_patience, r.select_on, r.drop_last) == (None, "val_loss", True)
+    assert r.stages == () and r.schedule.name == "constant"
+    assert BLEEP.prediction_defaults == {"k": 50, "weighting": "average"}  # BLEEP_inference.ipynb
+
+
+def test_bleep_es_is_bleep_with_the_frozen_feature_recipe():
+    assert get_method("bleep_es") is BLEEPEarlyStopping and issubclass(BLEEPEarlyStopping, BLEEP)
+    # sthist's previous BLEEP: the engine's default plan (<= 100 epochs, 10 % validation, early stopping after 10)
+    assert BLEEPEarlyStopping.recipe is FROZEN_FEATURE_RECIPE and BLEEPEarlyStopping.recipe == TrainPlan()
+    r = BLEEPEarlyStopping.recipe
+    assert (r.optimizer.name, r.optimizer.lr, r.optimizer.weight_decay, r.batch_size) == ("adamw", 1e-3, 1e-3, 256)
+    assert (r.max_epochs, r.validation_fraction, r.early_stopping_patience, r.select_on) == (100, 0.1, 10, "val_loss")
+    # the same model, loss and retrieval as BLEEP
+    assert BLEEPEarlyStopping.Config is BLEEP.Config and BLEEPEarlyStopping.loss is BLEEP.loss
+    assert BLEEPEarlyStopping.prediction_defaults == BLEEP.prediction_defaults
+    assert BLEEPEarlyStopping.similarity == BLEEP.similarity == "cosine"
+
+
 def test_registry():
     assert get_method("bleep") is BLEEP and METHODS["bleep"] is BLEEP
     with pytest.raises(ValueError, match=r"not a registered method.*'bleep'"):
@@ -151,10 +176,11 @@ def test_frozen_training_learns_and_beats_shuffled_control(problem, trained):
     tr, te = problem["train"], problem["test"]
     hist = trained.history
     assert set(hist) >= {"train_loss", "val_loss", "best_epoch", "seconds"}
-    assert len(hist["val_loss"]) == len(hist["train_loss"]) >= 2
+    # BLEEP's recipe: no early stopping, every epoch runs and the one with the lowest validation loss is kept
+    assert len(hist["val_loss"]) == len(hist["train_loss"]) == 30 and not hist["stopped_early"]
     assert min(hist["val_loss"]) < 0.8 * hist["val_loss"][0]
     assert hist["val_loss"][hist["best_epoch"]] == min(hist["val_loss"])
-    assert hist["n_train"] + hist["n_val"] == tr.size and hist["n_val"] == 48
+    assert hist["n_train"] + hist["n_val"] == tr.size and hist["n_val"] == 96  # the authors' 80/20 split
     assert hist["train_components"]["clip"] == pytest.approx(hist["train_loss"])
 
     pred, spread = trained.predict(features=problem["feats"][te], progress=False, device="cpu")
@@ -212,8 +238,11 @@ def test_same_seed_same_model_other_seed_differs(problem):
 def test_fit_input_errors(problem):
     feats, expr, genes = problem["feats"][:100], problem["expr"][:100], problem["genes"]
     kw = {"progress": False, "device": "cpu", "max_epochs": 1}
-    with pytest.raises(ValueError, match=r"the maximum batch size here is 90"):
+    # BLEEP validates on 20 % of the spots: 80 of the 100 train
+    with pytest.raises(ValueError, match=r"the maximum batch size here is 80"):
         fit(expression=expr, genes=genes, features=feats, batch_size=256, **kw)
+    with pytest.raises(ValueError, match=r"the maximum batch size here is 90"):
+        fit(method="bleep_es", expression=expr, genes=genes, features=feats, batch_size=256, **kw)
     for bad, what in ((np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"), (-1.0, "negative values")):
         e = expr.copy()
         e[3, 2] = bad
@@ -244,6 +273,25 @@ def test_fit_input_errors(problem):
         fit(expression=expr, genes=genes, images=images, finetune=True, batch_size=16, **kw)
     with pytest.raises(ValueError, match="dtype uint8"):
         fit(expression=expr, genes=genes, images=images.astype(np.float32), batch_size=16, **kw)
+
+
+def test_bleep_es_stops_early_on_a_tenth_of_the_spots(problem):
+    tr = problem["train"]
+    m = fit(
+        method="bleep_es",
+        expression=problem["expr"][tr],
+        genes=problem["genes"],
+        features=problem["feats"][tr],
+        **{**FAST, "max_epochs": 200},
+    )
+    hist = m.history
+    assert m.method == "bleep_es" and hist["n_val"] == 48
+    assert m.config["plan"]["early_stopping_patience"] == 10
+    # stopped 10 epochs after the best validation loss, long before 200 epochs; the best epoch is kept
+    assert hist["stopped_early"] and len(hist["val_loss"]) == hist["best_epoch"] + 11 < 200
+    assert hist["val_loss"][hist["best_epoch"]] == min(hist["val_loss"])
+    pred, _ = m.predict(features=problem["feats"][problem["test"]], progress=False, device="cpu")
+    assert np.nanmean(_gene_r(pred, problem["expr"][problem["test"]])) > 0.6
 
 
 def test_no_validation_keeps_last_epoch(problem):

@@ -5,6 +5,10 @@ import pytest
 import torch
 
 import sthist as st
+from sthist._engine.methods import METHODS, get_method
+from sthist._engine.methods.bleep import BLEEP, FROZEN_FEATURE_RECIPE
+from sthist._engine.methods.bleep_ctx import BLEEPContext
+from sthist._engine.plan import TrainPlan
 
 torch.set_num_threads(1)
 FIT = {"method": "bleep_ctx", "layer": "targets", "library_key": "section", "progress": False}
@@ -24,6 +28,28 @@ def _score(query, model, genes):
     q = query.copy()
     st.tl.predict_expression(q, model, library_key="section", progress=False)
     return st.tl.score_prediction(q, true_layer="targets", genes=genes, inplace=False).loc["all", "pcc_all"], q
+
+
+def test_registered_with_sthists_frozen_feature_recipe():
+    assert get_method("bleep_ctx") is BLEEPContext and METHODS["bleep_ctx"] is BLEEPContext
+    assert issubclass(BLEEPContext, BLEEP) and BLEEPContext.needs_neighbors
+    # not BLEEP's published 4 epochs: the engine's default plan (up to 100 epochs, 10 % validation, patience 10)
+    assert BLEEPContext.recipe is FROZEN_FEATURE_RECIPE and BLEEPContext.recipe == TrainPlan()
+    assert BLEEPContext.recipe != BLEEP.recipe
+    r = BLEEPContext.recipe
+    assert (r.optimizer.name, r.optimizer.lr, r.optimizer.weight_decay, r.batch_size) == ("adamw", 1e-3, 1e-3, 256)
+    assert (r.max_epochs, r.validation_fraction, r.early_stopping_patience, r.select_on) == (100, 0.1, 10, "val_loss")
+    # BLEEP's retrieval
+    assert BLEEPContext.prediction_defaults == BLEEP.prediction_defaults == {"k": 50, "weighting": "average"}
+
+
+def test_trains_with_early_stopping_on_a_validation_split(split, fitted):
+    train, _ = split
+    plan = fitted.config["plan"]
+    assert (plan["validation_fraction"], plan["early_stopping_patience"], plan["max_epochs"]) == (0.1, 10, 40)
+    h = fitted.history
+    assert h["n_val"] == round(0.1 * train.n_obs) and len(h["val_loss"]) == len(h["train_loss"]) <= 40
+    assert h["best_epoch"] == int(np.argmin(h["val_loss"]))
 
 
 def test_learns_and_beats_shuffled_control(split, fitted):

@@ -1,4 +1,5 @@
-"""NH2ST: dual-scale contrastive learning with a query and a neighbour branch, prediction by regression."""
+"""NH2ST: dual-scale contrastive learning with a query and a neighbour branch, prediction by regression; and its
+``nh2st_ctx`` variant (the decoder also reads the neighbour context, sthist's frozen-feature recipe)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from sthist._engine.methods import METHODS, get_method
 from sthist._engine.methods.nh2st import (  # importing the module registers "nh2st"
     NH2ST,
     HypergraphConv,
+    NH2STContext,
     neighbourhood_hypergraph,
     weighted_info_nce,
 )
 from sthist._engine.model import ContrastiveModel
+from sthist._engine.plan import TrainPlan
 from sthist._engine.train import fit
 
 torch.set_num_threads(1)
@@ -49,8 +52,15 @@ def test_registered_with_the_papers_defaults():
         "weight_query": 1.0,
         "weight_neighbor": 0.5,
         "negative_weight": 0.1,
-        "neighbor_context": True,
+        "neighbor_context": False,  # the authors' decoder reads the target's encoding alone
     }
+    # the authors' configure_optimizers and README config
+    recipe = NH2ST.recipe
+    assert (recipe.optimizer.name, recipe.optimizer.lr, recipe.optimizer.weight_decay) == ("adam", 5e-4, 0.0)
+    assert (recipe.schedule.name, recipe.schedule.step_size, recipe.schedule.gamma) == ("step", 50, 0.9)
+    assert (recipe.batch_size, recipe.max_epochs, recipe.drop_last) == (8, 200, False)
+    assert (recipe.validation_fraction, recipe.early_stopping_patience, recipe.select_on) == (0.1, 20, "val_pearson")
+    assert recipe.stages == ()
     model = NH2ST(10, 7, cfg)
     assert model.n_neighbors == 8 and model.image_encoder.out_features == 512
     assert model.neighbor_image_encoder.conv1.lin.out_features == 1024 and model.decoder[0].out_features == 256
@@ -166,9 +176,27 @@ def _other_neighbours(batch):
             setattr(batch, name, value.roll(7, dims=0))
 
 
+def test_ctx_variant_registered_with_the_previous_behaviour():
+    assert get_method("nh2st_ctx") is NH2STContext and METHODS["nh2st_ctx"] is NH2STContext
+    assert issubclass(NH2STContext, NH2ST)
+    assert NH2STContext.prediction == "regression" and NH2STContext.needs_neighbors
+    # the decoder reads h_p + n_p; every other setting is NH2ST's
+    cfg = NH2STContext.make_config({})
+    assert cfg.neighbor_context is True
+    assert {**dataclasses.asdict(cfg), "neighbor_context": False} == dataclasses.asdict(NH2ST.make_config({}))
+    # sthist's frozen-feature recipe: the engine's default plan (AdamW 1e-3, batch 256, early stopping on val_loss)
+    assert NH2STContext.recipe == TrainPlan()
+    recipe = NH2STContext.recipe
+    assert (recipe.optimizer.name, recipe.optimizer.lr) == ("adamw", 1e-3)
+    assert (recipe.batch_size, recipe.max_epochs) == (256, 100)
+    assert (recipe.validation_fraction, recipe.early_stopping_patience, recipe.select_on) == (0.1, 10, "val_loss")
+    assert recipe.schedule.name == "constant" and recipe.drop_last
+
+
 def test_prediction_uses_image_features_only():
     data = _spot_data()
-    model = NH2ST(6, 5, NH2ST.make_config(SMALL)).eval()
+    # the ctx variant: the decoder also reads the neighbour branch (its image encodings only)
+    model = NH2STContext(6, 5, NH2STContext.make_config(SMALL)).eval()
     idx = np.arange(data.n)
     batch = data.make_batch(idx, n_neighbors=8)
     assert batch.neighbor_expression is not None and not batch.neighbor_mask[-1].any()
@@ -186,11 +214,22 @@ def test_prediction_uses_image_features_only():
         _other_neighbours(batch)
         assert not torch.allclose(model.predict(batch.img_feats, batch), pred)
     assert pred.shape == (data.n, 5) and torch.isfinite(pred).all()
-    without = NH2ST(6, 5, NH2ST.make_config({**SMALL, "neighbor_context": False})).eval()
+    # NH2ST (the authors' decoder): decoder(h_p), the neighbours do not enter the prediction
+    without = NH2ST(6, 5, NH2ST.make_config(SMALL)).eval()
+    assert without.config.neighbor_context is False
     b1, b2 = data.make_batch(idx, n_neighbors=8), data.make_batch(idx, n_neighbors=8)
     _other_neighbours(b2)
     with torch.no_grad():
-        torch.testing.assert_close(without.predict(b1.img_feats, b1), without.predict(b2.img_feats, b2))
+        p1 = without.predict(b1.img_feats, b1)
+        torch.testing.assert_close(p1, without.predict(b2.img_feats, b2))
+        torch.testing.assert_close(p1, without.decoder(without.image_encoder(b1.img_feats)))
+        b1.expression = b1.neighbor_expression = None
+        torch.testing.assert_close(without.predict(b1.img_feats, b1), p1, rtol=0, atol=0)
+    # the same weights with the neighbour context switched on predict otherwise
+    ctx = NH2STContext(6, 5, NH2STContext.make_config(SMALL)).eval()
+    ctx.load_state_dict(without.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(ctx.predict(b2.img_feats, b2), p1)
     with pytest.raises(ValueError, match="needs the spatial neighbours"):
         model.predict(batch.img_feats, data.make_batch(idx))
 
@@ -231,8 +270,11 @@ def toy(prepared_toy):
 FIT = {"method": "nh2st", "layer": "targets", "library_key": "section", "progress": False, "device": "cpu"}
 
 
-# a narrower network than the paper's (embed 512, hidden 1024) keeps the two fits below a few seconds
+# a narrower network than the paper's (embed 512, hidden 1024), at most 60 epochs instead of the recipe's 200 and a
+# larger lr (3e-3 instead of 5e-4) keep the fits below a few seconds; the rest is the recipe (Adam, StepLR, batch 8,
+# early stopping on the validation Pearson r with patience 20)
 TOY = {"max_epochs": 60, "lr": 3e-3, "method_kwargs": {"embed_dim": 64, "hidden_dim": 128, "decoder_dim": 64}}
+FIT_CTX = {**FIT, "method": "nh2st_ctx"}
 
 
 @pytest.fixture(scope="module")
@@ -251,15 +293,52 @@ def _score(adata, model, key):
 def test_learns_informative_genes_and_beats_shuffled_control(toy, trained):
     train, test = toy
     assert trained.method == "nh2st" and trained.prediction == "regression" and trained.needs_neighbors
+    assert trained.config["method_config"]["neighbor_context"] is False
+    plan = trained.config["plan"]
+    opt = plan["optimizer"]
+    assert (opt["name"], opt["lr"], opt["weight_decay"]) == ("adam", 3e-3, 0.0)  # the lr is the test's override
+    assert (plan["batch_size"], plan["drop_last"], plan["select_on"], plan["early_stopping_patience"]) == (
+        8,
+        False,
+        "val_pearson",
+        20,
+    )
+    assert (plan["schedule"]["name"], plan["schedule"]["step_size"], plan["schedule"]["gamma"]) == ("step", 50, 0.9)
     hist = trained.history
     assert set(hist["train_components"]) == {"mse", "query", "neighbor"}
     assert hist["train_components"]["mse"][-1] < 0.5 * hist["train_components"]["mse"][0]
+    # model selection on the validation Pearson r: the best epoch is the one with the highest r
+    n_epochs = len(hist["train_loss"])
+    assert len(hist["val_pearson"]) == len(hist["val_loss"]) == n_epochs <= 60
+    assert hist["best_epoch"] == int(np.argmax(hist["val_pearson"]))
+    if hist["stopped_early"]:
+        assert n_epochs - 1 - hist["best_epoch"] == 20
     shuffled = train.copy()
     shuffled.layers["targets"] = shuffled.layers["targets"][np.random.default_rng(0).permutation(shuffled.n_obs)]
     control = st.tl.fit_contrastive(shuffled, **TOY, **FIT)
     q = test.copy()
     real, ctrl = _score(q, trained, "real"), _score(q, control, "shuffled")
     assert np.isfinite(q.layers["real"]).all() and "real_spread" not in q.obs  # regression: no retrieval spread
+    assert real > 0.45, real
+    assert real > ctrl + 0.3, (real, ctrl)
+
+
+def test_ctx_variant_learns_and_beats_shuffled_control(toy):
+    # sthist's previous NH2ST: the same test as above under the engine's default plan (AdamW, batch 256, early
+    # stopping on the validation loss), the decoder reading the neighbour context
+    train, test = toy
+    model = st.tl.fit_contrastive(train.copy(), **TOY, **FIT_CTX)
+    assert model.method == "nh2st_ctx" and model.config["method_config"]["neighbor_context"] is True
+    plan = model.config["plan"]
+    # the default batch of 256, reduced to the 130 training spots of this small section
+    assert (plan["optimizer"]["name"], plan["select_on"]) == ("adamw", "val_loss")
+    assert plan["batch_size"] == min(256, model.history["n_train"]) == 130
+    assert "val_pearson" not in model.history
+    shuffled = train.copy()
+    shuffled.layers["targets"] = shuffled.layers["targets"][np.random.default_rng(0).permutation(shuffled.n_obs)]
+    control = st.tl.fit_contrastive(shuffled, **TOY, **FIT_CTX)
+    q = test.copy()
+    real, ctrl = _score(q, model, "real"), _score(q, control, "shuffled")
     assert real > 0.45, real
     assert real > ctrl + 0.3, (real, ctrl)
 

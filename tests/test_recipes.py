@@ -211,7 +211,7 @@ def test_mclstexp_positions_do_not_depend_on_the_batch(prepared_toy):
     # per section, as grid_positions of the whole section
     for g in (0, 1):
         rows = codes == g
-        np.testing.assert_array_equal(pos[rows], grid_positions(torch.as_tensor(coords[rows])).numpy())
+        np.testing.assert_array_equal(pos[rows], grid_positions(torch.as_tensor(coords[rows]), 2**24).numpy())
     # a random mixed batch of both sections embeds each spot with its section's indices
     m = MclSTExp(8, 40, MclSTExp.make_config(SMALL["mclstexp"])).eval()
     from sthist._engine.methods import Batch

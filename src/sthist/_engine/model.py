@@ -513,7 +513,9 @@ class ContrastiveModel(BaseModel):
             encoder = build_image_encoder(inputs.encoder, pretrained=False)
             encoder.pretrained = inputs.pretrained
             encoder.checkpoint = inputs.checkpoint
-        net = _Net(method, scaler, encoder, FeatureScaler(int(token_dim)) if token_dim else None)
+        # frozen token methods standardise their tokens; fine-tuned ones read the encoder's tokens as they are
+        token_scaler = FeatureScaler(int(token_dim)) if token_dim and not inputs.finetuned else None
+        net = _Net(method, scaler, encoder, token_scaler)
         try:
             net.load_state_dict(tensors[WEIGHTS_FILE], strict=True)
         except RuntimeError as err:

@@ -841,7 +841,7 @@ def fit(**kwargs: Any) -> ContrastiveModel:
         "similarity": method_cls.similarity,
         "mode": "finetune" if finetune else "frozen",
         "image_dim": run.image_dim,
-        "token_dim": None if trainer.token_scaler is None else int(trainer.token_scaler.mean.shape[0]),
+        "token_dim": int(module.token_dim) if module.token_grid else None,
         "n_genes": int(g),
         "inputs": inputs.to_dict(),
         "encoder": run.enc_info,

@@ -246,17 +246,18 @@ class MclSTExp(Method):
         """Grid indices (n, 2) of the spots, from each section's pixel coordinates (see :func:`grid_positions`).
 
         The pitch is measured on whole sections, so a spot has the same index in any batch, also when batches mix
-        sections as the authors' do; the indices are returned as floats (exact below 2**24).
+        sections as the authors' do; the indices are returned as floats (exact below 2**24), not yet wrapped
+        modulo ``n_positions`` (that is the model's :meth:`embed_expression`, with its own configuration).
         """
         if coords is None:
             return None
         c = np.asarray(coords, dtype=np.float64)
         out = np.zeros(c.shape, dtype=np.float32)
         codes = np.zeros(c.shape[0], dtype=np.int64) if groups is None else np.asarray(groups)
-        n_positions = cls.Config.n_positions
         for g in np.unique(codes):
             rows = np.flatnonzero(codes == g)
-            out[rows] = grid_positions(torch.as_tensor(c[rows]), n_positions).numpy()
+            # unwrapped (2**24: exact in float32); embed_expression wraps them modulo the model's n_positions
+            out[rows] = grid_positions(torch.as_tensor(c[rows]), 2**24).numpy()
         return out
 
     @dataclass

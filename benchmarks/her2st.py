@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-
 #: Each registered variant and the method whose published recipe it departs from (the fidelity tables).
 VARIANTS = {
     "bleep_es": "bleep",
@@ -72,7 +71,7 @@ def run_parts(args) -> tuple[dict, float]:
             data,
             methods=methods,
             baselines=baselines,
-            seeds=args.seeds,
+            seeds=int(args.seeds) if "," not in args.seeds else [int(v) for v in args.seeds.split(",")],
             layer="targets",
             library_key="section",
             encoder=args.encoder,
@@ -169,7 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st")
     p.add_argument("--methods", default="all", help="comma-separated methods (default: every contrastive method)")
     p.add_argument("--baselines", default="ridge,knn")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", default="3", help="a number of seeds (0, 1, ...) or a comma-separated list of seeds")
     p.add_argument("--protocols", default="within_patient_C,C_to_B")
     p.add_argument("--patch-size", type=int, default=224)
     p.add_argument("--mpp", type=float, default=0.5)

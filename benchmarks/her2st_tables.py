@@ -25,7 +25,12 @@ PROTOCOLS = {
     "within_patient_C": "Within patient C (leave one of C2, C3, C4 out)",
     "C_to_B": "Patient C → patient B (train on C2, C3, C4, test on B4)",
 }
-METRICS = {"pcc_all": "PCC all", "pcc_heg": "PCC top-50 HEG", "pcc_hvg": "PCC top-50 HVG", "gene_corr": "gene-gene corr."}
+METRICS = {
+    "pcc_all": "PCC all",
+    "pcc_heg": "PCC top-50 HEG",
+    "pcc_hvg": "PCC top-50 HVG",
+    "gene_corr": "gene-gene corr.",
+}
 
 
 def label(method: str) -> str:

@@ -141,9 +141,7 @@ def test_every_published_name_has_a_variant_and_the_recipes_differ():
 def test_saved_config_records_the_published_recipe(toy_split, tmp_path, name):
     train, test = toy_split(0)
     # shortened by an override (every stage runs 2 epochs); the rest of the recipe is the paper's
-    model = st.tl.fit_contrastive(
-        train, method=name, max_epochs=2, method_kwargs=SMALL[name], random_state=0, **FIT
-    )
+    model = st.tl.fit_contrastive(train, method=name, max_epochs=2, method_kwargs=SMALL[name], random_state=0, **FIT)
     model.save(tmp_path / name)
     config = json.loads((tmp_path / name / "config.json").read_text())["config"]
     view = _plan_view(config["plan"])
@@ -197,7 +195,7 @@ def test_stage_batch_size_is_checked():
     Stage("a", batch_size=WHOLE_SECTION)
     Stage("a", batch_size=2)
     for bad in (1, 0, "all", 2.5, True):
-        with pytest.raises(ValueError, match="Stage.batch_size must be an integer >= 2, 'section'"):
+        with pytest.raises(ValueError, match=r"Stage\.batch_size must be an integer >= 2, 'section'"):
             Stage("a", batch_size=bad)
     with pytest.raises(TypeError, match="drop_last must be True or False"):
         TrainPlan(drop_last=1)

@@ -868,9 +868,7 @@ def fit(**kwargs: Any) -> ContrastiveModel:
         encoder=run.frozen_encoder,
     )
     # the reference bank: expression embeddings of all training spots (training and validation split)
-    model.build_bank(
-        run.expression, coords=run.coords, groups=run.groups, batch_size=_bank_batch(plan), device=dev
-    )
+    model.build_bank(run.expression, coords=run.coords, groups=run.groups, batch_size=_bank_batch(plan), device=dev)
     config["embedding_dim"] = int(model.bank_embeddings.shape[1])
     history["seconds"] = float(time.perf_counter() - start_time)
     return model

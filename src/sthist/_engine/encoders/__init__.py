@@ -54,7 +54,7 @@ from torch.nn import functional as F
 
 from .._utils import autocast, check_int, progress_bar, resolve_device
 from .checkpoints import _CHECKPOINT_SUFFIXES, _load_state_dict_file, _match_state_dict, file_sha256
-from .hed import HED_SPEC, HEDTexture
+from .hed import HED_CONTEXT_SPEC, HED_SPEC, HEDTexture, HEDTextureContext
 from .hub import _HF_PREFIX, EncoderUnavailableError, _create_timm
 from .tokens import check_grid, grid_tokens
 
@@ -92,7 +92,8 @@ def __getattr__(name: str) -> Any:
 DEFAULT_ENCODER = HED_SPEC
 """The weight-free default encoder: works offline, fast on a CPU, deterministic."""
 
-WEIGHT_FREE_ENCODERS = (DEFAULT_ENCODER,)
+WEIGHT_FREE_ENCODERS = (DEFAULT_ENCODER, HED_CONTEXT_SPEC)
+_WEIGHT_FREE = {DEFAULT_ENCODER: HEDTexture, HED_CONTEXT_SPEC: HEDTextureContext}
 
 
 def encoder_key(spec: str) -> str:
@@ -288,7 +289,7 @@ def build_image_encoder(spec: str = DEFAULT_ENCODER, *, pretrained: bool = True,
             raise ValueError(
                 f"encoder={spec!r} is weight-free and takes no checkpoint; pass a timm model name as `encoder=`."
             )
-        backbone = HEDTexture()
+        backbone = _WEIGHT_FREE[spec]()
         return ImageEncoder(
             backbone,
             spec=spec,

@@ -22,8 +22,9 @@ _OFFLINE_OPTIONS = (
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split a timm spec into its model name and architecture options: ``"vit_base_patch32_224(depth=8, num_heads=8)"``
-    -> ``("vit_base_patch32_224", {"depth": 8, "num_heads": 8})``.
+    """Split a timm spec into its model name and its architecture options.
+
+    ``"vit_base_patch32_224(depth=8, num_heads=8)"`` -> ``("vit_base_patch32_224", {"depth": 8, "num_heads": 8})``.
 
     Options are ``timm.create_model`` keyword arguments with literal values (numbers, booleans, strings); they
     change the architecture (e.g. CMRCNet's 8-layer, 8-head ViT-B/32, or tiny networks in tests).

@@ -101,7 +101,7 @@ def merge(parts: list[dict]) -> dict:
         table = pd.concat([r.table for r in rs]).drop_duplicates(
             subset=["method", "fold", "seed", "metric"], keep="first"
         )
-        ref = next((r.reference for r in rs if any(m == r.reference for m, _, _ in r.per_gene)), rs[0].reference)
+        ref = "ridge" if any(m == "ridge" for m, _, _ in per_gene) else rs[0].reference
         res = dataclasses.replace(
             rs[0], table=table, summary=summary, per_gene=per_gene, reference=ref, seconds=sum(r.seconds for r in rs)
         )

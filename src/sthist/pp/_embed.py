@@ -116,7 +116,9 @@ def embed_patches(
     {adata}
     encoder
         ``"hed-texture"`` (default): a weight-free, deterministic descriptor of stain densities, texture and
-        nucleus density that needs no download and runs fast on a CPU. Or a timm model name (``"resnet50"``,
+        nucleus density that needs no download and runs fast on a CPU. ``"hed-texture-ctx"``: the same descriptor
+        of the whole patch and of its central half, side by side (extract a wider field, e.g. 224 px at 1 µm/px, so
+        that the centre is the spot and the rest its surrounding tissue). Or a timm model name (``"resnet50"``,
         ``"vit_small_patch16_224"``, ...), or ``"hf-hub:<org>/<name>"`` for models on the Hugging Face hub such as
         UNI (``"hf-hub:MahmoodLab/uni"``; gated: accept the licence and log in first).
     pretrained

@@ -25,6 +25,7 @@ PROTOCOLS = {
     "within_patient_C": "Within patient C (leave one of C2, C3, C4 out)",
     "C_to_B": "Patient C → patient B (train on C2, C3, C4, test on B4)",
 }
+PROTOCOL_SHORT = {"within_patient_C": "within patient C", "C_to_B": "C → B"}
 METRICS = {
     "pcc_all": "PCC all",
     "pcc_heg": "PCC top-50 HEG",
@@ -37,12 +38,13 @@ def label(method: str) -> str:
     return LABELS.get(method, f"`{method}`")
 
 
-def delta(row: dict | None) -> str:
-    """``+0.012 [+0.001, +0.024] 7/9``, bold when the interval lies above 0."""
+def delta(row: dict | None, *, both_sides: bool = False) -> str:
+    """``+0.012 [+0.001, +0.024] 7/9``, bold when the interval lies above 0 (or, ``both_sides``, excludes 0)."""
     if row is None:
         return "—"
     text = f"{row['mean_diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] {row['wins']}/{row['n']}"
-    return f"**{text}**" if row["ci_low"] > 0 else text
+    bold = row["ci_low"] > 0 or (both_sides and row["ci_high"] < 0)
+    return f"**{text}**" if bold else text
 
 
 def find(rows: list[dict], method: str, metric: str, **extra) -> dict | None:
@@ -57,7 +59,10 @@ def overall(proto: dict) -> dict[str, dict]:
 
 
 def mean_sd(row: dict, metric: str) -> str:
-    return f"{row[f'{metric}_mean']:.3f} ± {row[f'{metric}_std']:.3f}"
+    sd = row.get(f"{metric}_std")
+    if sd is None or sd != sd:  # one seed: no spread
+        return f"{row[f'{metric}_mean']:.3f} (1 seed)"
+    return f"{row[f'{metric}_mean']:.3f} ± {sd:.3f}"
 
 
 def accuracy_table(proto: dict, methods: list[str] | None = None) -> str:
@@ -95,8 +100,9 @@ def fidelity_table(doc: dict, method: str) -> str:
             s = summary[m]
             d_all = find(proto["fidelity"], m, "pcc_all", recipe=method) if m != method else None
             d_heg = find(proto["fidelity"], m, "pcc_heg", recipe=method) if m != method else None
-            cells = [mean_sd(s, "pcc_all"), mean_sd(s, "pcc_heg"), mean_sd(s, "gene_corr"), delta(d_all), delta(d_heg)]
-            lines.append(f"| {pname} | {label(m)} | " + " | ".join(cells) + " |")
+            cells = [mean_sd(s, "pcc_all"), mean_sd(s, "pcc_heg"), mean_sd(s, "gene_corr")]
+            cells += [delta(d_all, both_sides=True), delta(d_heg, both_sides=True)]
+            lines.append(f"| {PROTOCOL_SHORT.get(pname, pname)} | {label(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

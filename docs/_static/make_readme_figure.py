@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 
     ref = adata[adata.obs["section"].isin(train).to_numpy()].copy()
     query = adata[(adata.obs["section"] == test).to_numpy()].copy()
-    model = st.tl.fit_contrastive(ref, method="bleep", layer="targets", random_state=0, progress=False)
+    model = st.tl.fit_contrastive(ref, method="bleep_es", layer="targets", random_state=0, progress=False)
     st.tl.predict_expression(query, model, progress=False)
     st.tl.score_prediction(query, true_layer="targets")
 

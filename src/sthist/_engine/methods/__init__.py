@@ -45,6 +45,6 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-from . import bleep, bleep_ctx, cmrcnet, mclstexp, nh2st, stgchb  # noqa: E402, F401  (register the methods)
+from . import bleep, bleep_ctx, bleep_ctx_ens, cmrcnet, mclstexp, nh2st, stgchb  # noqa: E402, F401  (register the methods)
 
 __all__ = ["METHODS", "Batch", "Method", "ProjectionHead", "get_method", "register"]

@@ -35,15 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-#: Each registered variant and the method whose published recipe it departs from (the fidelity tables).
-VARIANTS = {
-    "bleep_es": "bleep",
-    "mclstexp_section": "mclstexp",
-    "nh2st_ctx": "nh2st",
-    "stgchb_joint": "stgchb",
-    "cmrcnet_pooled": "cmrcnet",
-}
-
 
 def run_parts(args) -> tuple[dict, float]:
     """Run ``tl.benchmark`` on every protocol; returns ``{protocol: BenchmarkResult}`` and the preparation time."""
@@ -96,6 +87,9 @@ def merge(parts: list[dict]) -> dict:
         rs = [p[name] for p in parts if name in p]
         per_gene = {}
         for r in rs:
+            shared = {m for m, _, _ in r.per_gene} & {m for m, _, _ in per_gene}
+            if shared:
+                raise ValueError(f"{name}: methods {sorted(shared)} are in more than one part; give each part its own.")
             per_gene.update(r.per_gene)
         summary = pd.concat([r.summary for r in rs]).drop_duplicates(subset=["method", "fold"], keep="first")
         table = pd.concat([r.table for r in rs]).drop_duplicates(
@@ -111,9 +105,12 @@ def merge(parts: list[dict]) -> dict:
 
 def fidelity(res) -> list[dict]:
     """Each variant against its method's published recipe (paired over folds, seeds and genes)."""
+    from sthist._engine.methods import METHODS
+
+    variants = {name: cls.variant_of for name, cls in METHODS.items() if cls.variant_of}
     present = {m for m, _, _ in res.per_gene}
     rows = []
-    for variant, original in VARIANTS.items():
+    for variant, original in variants.items():
         if variant in present and original in present:
             cmp = res.compare(original)
             rows += json.loads(cmp[cmp["method"] == variant].assign(recipe=original).to_json(orient="records"))

@@ -361,9 +361,9 @@ def test_grid_indices_do_not_depend_on_the_batch(prepared, monkeypatch):
         np.testing.assert_array_equal(coords, ref[idx])
 
 
-def test_bank_is_embedded_in_sets_of_32(split, fitted, monkeypatch):
-    train, _ = split
-    sizes = []
+def _record_set_sizes(monkeypatch) -> list[int]:
+    """The sizes of the sets ``MclSTExp.embed_expression`` is called on from now on (appended as it runs)."""
+    sizes: list[int] = []
     original = MclSTExp.embed_expression
 
     def spy(self, expr, batch=None):
@@ -371,6 +371,12 @@ def test_bank_is_embedded_in_sets_of_32(split, fitted, monkeypatch):
         return original(self, expr, batch)
 
     monkeypatch.setattr(MclSTExp, "embed_expression", spy)
+    return sizes
+
+
+def test_bank_is_embedded_in_sets_of_32(split, fitted, monkeypatch):
+    train, _ = split
+    sizes = _record_set_sizes(monkeypatch)
     emb = fitted.embed_expression(
         train.layers["targets"],
         coords=train.obsm["spatial"],
@@ -492,14 +498,7 @@ def test_section_variant_learns_and_beats_shuffled_control(split, fitted_section
 
 def test_section_variant_bank_uses_the_callers_batches(split, fitted_section, monkeypatch):
     train, _ = split
-    sizes = []
-    original = MclSTExp.embed_expression
-
-    def spy(self, expr, batch=None):
-        sizes.append(expr.shape[0])
-        return original(self, expr, batch)
-
-    monkeypatch.setattr(MclSTExp, "embed_expression", spy)
+    sizes = _record_set_sizes(monkeypatch)
     fitted_section.embed_expression(
         train.layers["targets"], coords=train.obsm["spatial"], groups=train.obs["section"].to_numpy(), batch_size=256
     )

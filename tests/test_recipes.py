@@ -112,6 +112,7 @@ def _plan_view(plan: dict) -> dict:
 
 
 def test_every_published_name_has_a_variant_and_the_recipes_differ():
+    assert {name: cls.variant_of for name, cls in METHODS.items() if cls.variant_of} == VARIANTS
     for variant, original in VARIANTS.items():
         assert variant in METHODS and original in METHODS
         assert issubclass(METHODS[variant], METHODS[original])

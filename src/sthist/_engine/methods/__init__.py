@@ -29,6 +29,10 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         bad = sorted(set(cls.consumes) - {"features", "tokens"})
         if bad or not cls.consumes:
             raise ValueError(f"{cls.__qualname__}.consumes must name 'features' and/or 'tokens', got {cls.consumes!r}.")
+        if cls.variant_of is not None and cls.variant_of not in METHODS:
+            raise ValueError(
+                f"{cls.__qualname__}.variant_of={cls.variant_of!r} names no registered method; register that first."
+            )
         cls.name = name
         if not cls.__dict__.get("description"):
             cls.description = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else name

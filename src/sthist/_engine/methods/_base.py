@@ -120,6 +120,8 @@ class Method(nn.Module):
     prediction_defaults: ClassVar[dict[str, Any]] = {}
     """The paper's retrieval ``k`` and ``weighting``, used by ``predict_expression`` when the caller gives none, and
     ``max_k_fraction``: the largest share of the bank a default ``k`` may retrieve (1/3 when absent)."""
+    variant_of: ClassVar[str | None] = None
+    """sthist's variants: the registered published method whose recipe this one departs from (``None`` otherwise)."""
     expression_set_size: ClassVar[int | None] = None
     """Spots per batch when expression embeddings are computed outside training (the reference bank, validation
     retrieval): ``None`` takes the caller's batch size; set-level methods declare the authors' (mclSTExp: 32)."""

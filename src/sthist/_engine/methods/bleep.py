@@ -139,4 +139,6 @@ class BLEEPEarlyStopping(BLEEP):
     her2st fold, 4 epochs of batch 256 are 4 steps (see the fidelity table of the method page).
     """
 
+    variant_of: ClassVar[str | None] = "bleep"
+
     recipe: ClassVar[TrainPlan] = FROZEN_FEATURE_RECIPE

@@ -313,6 +313,8 @@ class CMRCNetPooled(CMRCNet):
     without a lower validation loss. The fidelity table of the method page compares the two on her2st.
     """
 
+    variant_of: ClassVar[str | None] = "cmrcnet"
+
     consumes: ClassVar[tuple[str, ...]] = ("features",)
     recipe: ClassVar[TrainPlan] = TrainPlan(
         optimizer=Optim("adamw", lr=1e-4, weight_decay=1e-3), batch_size=64, max_epochs=60

@@ -355,6 +355,8 @@ class MclSTExpSection(MclSTExp):
     a third of small banks. The fidelity table of the method page compares the two on her2st.
     """
 
+    variant_of: ClassVar[str | None] = "mclstexp"
+
     batch_by_group = True
     expression_set_size: ClassVar[int | None] = None
     recipe: ClassVar[TrainPlan] = TrainPlan(

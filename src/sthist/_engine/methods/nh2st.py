@@ -478,6 +478,8 @@ class NH2STContext(NH2ST):
     her2st.
     """
 
+    variant_of: ClassVar[str | None] = "nh2st"
+
     recipe: ClassVar[TrainPlan] = TrainPlan()
 
     @dataclass

@@ -184,7 +184,8 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.genes == model.genes
     assert loaded.alpha == model.alpha and loaded.n_components == 24
     assert loaded.inputs == model.inputs == ModelInputs(encoder="resnet50", feature_dim=64)
-    assert loaded.settings == model.settings == {"n_components": 24, "n_components_requested": 24, "random_state": 0}
+    assert loaded.settings == model.settings
+    assert model.settings == {"n_components": 24, "n_components_requested": 24, "random_state": 0, "alpha_rule": "hest"}
     assert loaded.prediction == "regression" and loaded.method == "ridge"
     for name in ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(model, name))

@@ -332,7 +332,7 @@ def read_config(path: str | os.PathLike, *, expect: str | None = None) -> dict[s
 
 def load_model(dir_path: str | os.PathLike, *, device: str | None = None) -> BaseModel:
     """Load any saved sthist model folder, dispatching on the ``format`` of its ``config.json``."""
-    from . import knn, model, ridge  # noqa: F401  (define and register the model classes)
+    from . import dual_knn, knn, model, ridge  # noqa: F401  (define and register the model classes)
 
     doc = read_config(dir_path)
     fmt = doc.get("format")

@@ -28,6 +28,8 @@ from .base import (
 FORMAT = "sthist.RidgeModel"
 FORMAT_VERSION = 2
 NPZ_FILE = "ridge_model.npz"
+#: Penalties searched with ``alpha="gcv"`` (the grid of the no-model baseline in ``../shared/baselines``).
+GCV_ALPHAS = np.logspace(-1, 4, 12)
 _ARRAYS = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept")
 
 
@@ -247,16 +249,19 @@ def fit_ridge(
     *,
     inputs: ModelInputs,
     n_components: int = 256,
-    alpha: float | None = None,
+    alpha: float | str | None = None,
     random_state: int | None = 0,
 ) -> RidgeModel:
     """Fit the HEST linear probe (see :func:`sthist.tl.fit_ridge` for the recipe) on numpy arrays.
+
+    ``alpha="gcv"`` chooses one penalty for all genes from :data:`GCV_ALPHAS` by generalised (efficient
+    leave-one-out) cross-validation (scikit-learn's ``RidgeCV``) instead of HEST's rule.
 
     Returns the model and logs nothing; ``n_components`` is clipped to ``min(n, d)`` (``settings`` records the
     value used).
     """
     from sklearn.decomposition import PCA
-    from sklearn.linear_model import Ridge
+    from sklearn.linear_model import Ridge, RidgeCV
 
     from ._utils import check_int
     from .data import check_genes
@@ -277,13 +282,25 @@ def fit_ridge(
     n, g = y.shape
     genes = check_genes(list(genes), g)
     n_components = check_int("n_components", n_components)
-    if alpha is not None and (isinstance(alpha, bool) or not np.isfinite(alpha) or alpha < 0):
-        raise ValueError(f"alpha must be a finite non-negative number or None (HEST's rule), got {alpha!r}.")
+    gcv = isinstance(alpha, str) and alpha == "gcv"
+    if (
+        alpha is not None
+        and not gcv
+        and (
+            isinstance(alpha, bool | str)
+            or not isinstance(alpha, int | float | np.number)
+            or not np.isfinite(alpha)
+            or alpha < 0
+        )
+    ):
+        raise ValueError(
+            f"alpha must be a finite non-negative number, None (HEST's rule) or 'gcv' (chosen by generalised "
+            f"cross-validation), got {alpha!r}."
+        )
     if n < 2:
         raise ValueError(f"need at least 2 spots to fit the ridge probe, got {n}.")
     d = x.shape[1]
     k = min(n_components, n, d)
-    alpha_ = 100.0 / (k * g) if alpha is None else float(alpha)
     mean = x.mean(0)
     scale = x.std(0)
     scale[scale <= np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
@@ -291,8 +308,13 @@ def fit_ridge(
     pca = PCA(n_components=k, random_state=random_state).fit(xs)
     z = (xs - pca.mean_) @ pca.components_.T
     y_mean = y.mean(0)
-    ridge = Ridge(alpha=alpha_, solver="lsqr", fit_intercept=False, max_iter=1000, random_state=random_state)
-    ridge.fit(z, y - y_mean)
+    if gcv:
+        ridge = RidgeCV(alphas=GCV_ALPHAS, fit_intercept=False).fit(z, y - y_mean)
+        alpha_ = float(ridge.alpha_)
+    else:
+        alpha_ = 100.0 / (k * g) if alpha is None else float(alpha)
+        ridge = Ridge(alpha=alpha_, solver="lsqr", fit_intercept=False, max_iter=1000, random_state=random_state)
+        ridge.fit(z, y - y_mean)
     coef = np.atleast_2d(ridge.coef_).reshape(g, k)
     return RidgeModel(
         genes=genes,
@@ -304,5 +326,10 @@ def fit_ridge(
         coef=coef,
         intercept=y_mean,
         alpha=alpha_,
-        settings={"n_components": k, "n_components_requested": n_components, "random_state": random_state},
+        settings={
+            "n_components": k,
+            "n_components_requested": n_components,
+            "random_state": random_state,
+            "alpha_rule": "gcv" if gcv else "hest" if alpha is None else "given",
+        },
     )

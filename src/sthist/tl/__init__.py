@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from .._engine.plan import Optim, Schedule, Stage, TrainPlan
 from ._benchmark import BenchmarkResult, benchmark
 from ._cv import cross_validate
+from ._dual_knn import fit_dual_knn
 from ._fit import fit_contrastive
 from ._knn import fit_knn
 from ._predict import predict_expression
@@ -18,6 +19,7 @@ from ._utils import load_model
 
 if TYPE_CHECKING:
     from .._engine.base import BaseModel, ModelInputs
+    from .._engine.dual_knn import DualKNNModel
     from .._engine.knn import KNNModel
     from .._engine.model import ContrastiveModel
     from .._engine.ridge import RidgeModel
@@ -27,6 +29,7 @@ _LAZY = {
     "ModelInputs": "base",
     "Prediction": "base",
     "ContrastiveModel": "model",
+    "DualKNNModel": "dual_knn",
     "KNNModel": "knn",
     "RidgeModel": "ridge",
 }
@@ -45,6 +48,7 @@ __all__ = [
     "BaseModel",
     "BenchmarkResult",
     "ContrastiveModel",
+    "DualKNNModel",
     "KNNModel",
     "ModelInputs",
     "Optim",
@@ -56,6 +60,7 @@ __all__ = [
     "benchmark",
     "cross_validate",
     "fit_contrastive",
+    "fit_dual_knn",
     "fit_knn",
     "fit_ridge",
     "load_model",

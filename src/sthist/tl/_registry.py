@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._dual_knn import fit_dual_knn
 from ._knn import fit_knn
 from ._ridge import fit_ridge
 
@@ -34,14 +35,29 @@ class Predictor:
         return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-#: Baselines: predictors without contrastive training (name -> (description, fit function)).
+#: Predictors without contrastive training (name -> (description, fit function)): the controls every method must
+#: beat, and ``dual_knn``, sthist's recommended predictor on small cohorts.
 BASELINES: dict[str, tuple[str, Callable[..., Any]]] = {
     "ridge": ("HEST-Benchmark linear probe: standardise, PCA(256), ridge on frozen encoder features", fit_ridge),
+    "ridge_gcv": (
+        "The linear probe with its penalty chosen by generalised cross-validation (RidgeCV), not HEST's rule",
+        functools.partial(fit_ridge, alpha="gcv"),
+    ),
     "knn": (
         "Raw-feature kNN: average of the 50 nearest training spots in the frozen feature space, no training",
         fit_knn,
     ),
+    "dual_knn": (
+        "Neighbour-context retrieval in two spaces: the raw context features and their ridge map onto the "
+        "expression's principal components (sthist's recommended predictor)",
+        fit_dual_knn,
+    ),
 }
+
+#: The baselines that predict by retrieval of training profiles (the others regress).
+_RETRIEVAL_BASELINES = ("knn", "dual_knn")
+#: The baselines that read spatial neighbours (coordinates and sections) at prediction.
+_SPATIAL_BASELINES = ("dual_knn",)
 
 
 def predictors() -> dict[str, Predictor]:
@@ -110,7 +126,10 @@ def methods() -> pd.DataFrame:
         row: dict[str, Any] = {"name": name, "kind": pred.kind, "description": pred.description}
         cls = METHODS.get(name)
         if cls is None:
-            row.update(prediction="retrieval" if name == "knn" else "regression", needs_coords=False)
+            row.update(
+                prediction="retrieval" if name in _RETRIEVAL_BASELINES else "regression",
+                needs_coords=name in _SPATIAL_BASELINES,
+            )
         else:
             plan = cls.recipe
             stages = plan.resolved_stages()

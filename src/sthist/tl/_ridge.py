@@ -85,7 +85,7 @@ def fit_ridge(
     checkpoint: str | Path | None = None,
     patches_key: str = "patches",
     n_components: int = 256,
-    alpha: float | None = None,
+    alpha: float | str | None = None,
     random_state: int | np.random.Generator | None = 0,
     save_dir: str | Path | None = None,
     key_added: str = RIDGE_KEY,
@@ -117,7 +117,11 @@ def fit_ridge(
     n_components
         Number of principal components; clipped (with a log message) to ``min(n_obs, n_features)``.
     alpha
-        Ridge penalty; ``None`` uses HEST's rule ``100 / (n_components * n_genes)``.
+        Ridge penalty; ``None`` uses HEST's rule ``100 / (n_components * n_genes)``; ``'gcv'`` chooses one
+        penalty for all genes among ``10**-1 ... 10**4`` (12 values) by generalised (efficient leave-one-out)
+        cross-validation, scikit-learn's ``RidgeCV``: the registered baseline ``"ridge_gcv"``. HEST's rule is
+        nearly unpenalised, which over-fits a few hundred training spots; ``'gcv'`` is the fair linear control
+        on small cohorts.
     {random_state}
     {baseline_record}
     {progress}

@@ -67,8 +67,8 @@ def run_parts(args) -> tuple[dict, float]:
             library_key="section",
             encoder=args.encoder,
             fit_kwargs={"max_epochs": args.max_epochs} if args.max_epochs else None,
-            # a part without the ridge probe compares with its first method; --merge compares with ridge again
-            reference="ridge" if "ridge" in baselines or methods == "all" else methods[0],
+            # a part without the ridge probe compares with its first predictor; --merge compares with ridge again
+            reference="ridge" if "ridge" in baselines or methods == "all" else [*methods, *baselines][0],
             progress=False,
             **kw,
         )
@@ -117,6 +117,10 @@ def fidelity(res) -> list[dict]:
     return rows
 
 
+#: Controls compared with every method besides the reference (when they are in the run).
+CONTROLS = ("knn", "ridge_gcv")
+
+
 def report(results: dict, prep_seconds: float, total_seconds: float, out: Path) -> None:
     import torch
 
@@ -129,10 +133,11 @@ def report(results: dict, prep_seconds: float, total_seconds: float, out: Path) 
         cols = ["method", "split", "pcc_all_mean", "pcc_all_std", "pcc_heg_mean", "pcc_heg_std", "gene_corr_mean"]
         print(overall[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(res.comparison.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
-        has_knn = any(m == "knn" for m, _, _ in res.per_gene)
-        vs_knn = res.compare("knn") if has_knn else None
-        if vs_knn is not None:
-            print(vs_knn.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
+        present = {m for m, _, _ in res.per_gene}
+        # the no-training controls every method must beat, besides the reference
+        controls = {c: res.compare(c) for c in CONTROLS if c in present}
+        for cmp in controls.values():
+            print(cmp.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
         fid = fidelity(res)
         for row in fid:
             print(f"   fidelity {row['method']} vs {row['recipe']}: {row}")
@@ -142,7 +147,10 @@ def report(results: dict, prep_seconds: float, total_seconds: float, out: Path) 
             "reference": res.reference,
             "summary": json.loads(res.summary.to_json(orient="records")),
             "comparison": json.loads(res.comparison.to_json(orient="records")),
-            "comparison_vs_knn": [] if vs_knn is None else json.loads(vs_knn.to_json(orient="records")),
+            **{
+                f"comparison_vs_{c}": json.loads(controls[c].to_json(orient="records")) if c in controls else []
+                for c in CONTROLS
+            },
             "fidelity": fid,
             "table": json.loads(res.table.to_json(orient="records")),
         }

@@ -8,6 +8,10 @@ Three kinds of encoder are built from one ``spec`` string by :func:`build_image_
     quantiles, centre vs whole patch), multi-scale gradient and Laplacian energy, local contrast, nucleus-density
     proxies (haematoxylin-rich area, counts of haematoxylin blobs at two scales), colour and background
     fraction. It is fast on a CPU and the natural choice for frozen-mode training without internet.
+``"hed-texture-ctx"`` and ``"hed-fast"``
+    Variants of it, also weight-free: the descriptor of the whole patch and of its central half side by side
+    (136 values), and the descriptor of a 56 px antialiased thumbnail of the patch (68 values, several times
+    faster on 224 px patches).
 a timm model name (``"resnet18"``, ``"resnet50"``, ``"vit_small_patch16_224"``, ...)
     ``pretrained=True`` downloads ImageNet weights through timm; ``pretrained=False`` gives a random
     initialisation that is deterministic (seed 0), so the same spec always gives the same network.
@@ -26,12 +30,14 @@ options exist.
 
 Besides one pooled vector per patch (:func:`encode_patches`, :meth:`ImageEncoder.forward`), every encoder gives a
 fixed ``grid x grid`` raster of tokens per patch (:func:`encode_tokens`, :meth:`ImageEncoder.tokens`): ViT patch
-tokens or CNN feature maps average-pooled to the grid, or the ``"hed-texture"`` descriptor of each grid cell.
+tokens or CNN feature maps average-pooled to the grid, or the weight-free descriptor (``"hed-texture"`` or a variant)
+of each grid cell.
 
 Modules
 -------
 ``hed``
-    The weight-free descriptor :class:`~sthist._engine.encoders.hed.HEDTexture`.
+    The weight-free descriptors :class:`~sthist._engine.encoders.hed.HEDTexture`,
+    :class:`~sthist._engine.encoders.hed.HEDTextureContext` and :class:`~sthist._engine.encoders.hed.HEDFast`.
 ``hub``
     Creating timm and hf-hub models; :class:`EncoderUnavailableError` and its offline options.
 ``checkpoints``
@@ -54,7 +60,7 @@ from torch.nn import functional as F
 
 from .._utils import autocast, check_int, progress_bar, resolve_device
 from .checkpoints import _CHECKPOINT_SUFFIXES, _load_state_dict_file, _match_state_dict, file_sha256
-from .hed import HED_CONTEXT_SPEC, HED_SPEC, HEDTexture, HEDTextureContext
+from .hed import HED_CONTEXT_SPEC, HED_FAST_SPEC, HED_SPEC, HEDFast, HEDTexture, HEDTextureContext
 from .hub import _HF_PREFIX, EncoderUnavailableError, _create_timm
 from .tokens import check_grid, grid_tokens
 
@@ -62,6 +68,7 @@ __all__ = [
     "DEFAULT_ENCODER",
     "WEIGHT_FREE_ENCODERS",
     "EncoderUnavailableError",
+    "HEDFast",
     "HEDTexture",
     "ImageEncoder",
     "build_image_encoder",
@@ -92,8 +99,8 @@ def __getattr__(name: str) -> Any:
 DEFAULT_ENCODER = HED_SPEC
 """The weight-free default encoder: works offline, fast on a CPU, deterministic."""
 
-WEIGHT_FREE_ENCODERS = (DEFAULT_ENCODER, HED_CONTEXT_SPEC)
-_WEIGHT_FREE = {DEFAULT_ENCODER: HEDTexture, HED_CONTEXT_SPEC: HEDTextureContext}
+WEIGHT_FREE_ENCODERS = (DEFAULT_ENCODER, HED_CONTEXT_SPEC, HED_FAST_SPEC)
+_WEIGHT_FREE = {DEFAULT_ENCODER: HEDTexture, HED_CONTEXT_SPEC: HEDTextureContext, HED_FAST_SPEC: HEDFast}
 
 
 def encoder_key(spec: str) -> str:
@@ -203,8 +210,8 @@ class ImageEncoder(nn.Module):
             Tokens per side, a positive integer. timm models: their patch tokens (ViT-like models, prefix tokens
             dropped) or last feature map (CNNs), average-pooled to ``grid x grid`` (``adaptive_avg_pool2d``), so
             ``grid`` may not exceed that map's size (e.g. 7 for a ViT-B/32 at 224 px, which then gives its 49 patch
-            tokens as they are). ``"hed-texture"``: the descriptor of each cell of a ``grid x grid`` split of the
-            patch; cells must be at least 8 x 8 pixels.
+            tokens as they are). ``"hed-texture"`` and its variants: the descriptor of each cell of a ``grid x grid``
+            split of the patch; cells must be at least 8 x 8 pixels.
 
         Returns
         -------
@@ -226,8 +233,8 @@ class ImageEncoder(nn.Module):
     def token_dim(self) -> int:
         """Width of each token of :meth:`tokens`, the same for every grid.
 
-        The descriptor width for ``"hed-texture"``, the channels of the last feature map for timm models (measured
-        once, with one forward pass).
+        The descriptor width for the weight-free encoders, the channels of the last feature map for timm models
+        (measured once, with one forward pass).
         """
         if self._token_dim is None:
             if isinstance(self.backbone, HEDTexture):
@@ -258,11 +265,12 @@ def build_image_encoder(spec: str = DEFAULT_ENCODER, *, pretrained: bool = True,
     Parameters
     ----------
     spec
-        ``"hed-texture"`` (weight-free, the default), a timm model name (``"resnet18"``, ``"resnet50"``,
+        ``"hed-texture"`` (weight-free, the default), ``"hed-texture-ctx"`` or ``"hed-fast"`` (weight-free variants,
+        see the module docstring), a timm model name (``"resnet18"``, ``"resnet50"``,
         ``"vit_small_patch16_224"``, ...) or ``"hf-hub:<org>/<name>"`` (e.g. ``"hf-hub:MahmoodLab/uni"``).
     pretrained
         Load pretrained weights (download through timm / the Hugging Face hub). ``False`` gives a deterministic
-        random initialisation (seed 0). Ignored for ``"hed-texture"`` and when ``checkpoint`` is given.
+        random initialisation (seed 0). Ignored for the weight-free encoders and when ``checkpoint`` is given.
     checkpoint
         A local weight file for the timm architecture named by ``spec``: ``.safetensors`` (preferred) or
         ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` loaded with ``torch.load(weights_only=True)`` (never executes code).
@@ -379,8 +387,9 @@ def _encode_blocks(
     """Run ``apply(encoder, images)`` on checked patches block by block into a float32 array (n, *tail(encoder)).
 
     ``tail=None`` takes the trailing shape from the first block's result (no probe of the encoder). The
-    ``"hed-texture"`` descriptor reads the uint8 blocks itself (:meth:`HEDTexture.from_uint8`, with ``grid`` for
-    tokens), which gives the same result without a float copy of each block.
+    weight-free descriptors (``"hed-texture"`` and its variants) read the uint8 blocks themselves
+    (:meth:`HEDTexture.from_uint8`, with ``grid`` for tokens), which gives the same result without a float copy of
+    each block.
 
     The encoder is moved to ``device`` and put in eval mode (its training mode is restored afterwards); inference
     runs under :func:`torch.inference_mode` and bf16 autocast on CUDA. Lazy arrays are read with
@@ -480,7 +489,7 @@ def encode_tokens(
         loaded whole).
     grid
         Tokens per side, a positive integer: at most the side of the encoder's feature map (timm models), and
-        giving cells of at least 8 x 8 pixels (``"hed-texture"``).
+        giving cells of at least 8 x 8 pixels (``"hed-texture"`` and its variants).
     batch_size
         Patches per forward pass.
     device

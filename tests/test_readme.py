@@ -26,10 +26,10 @@ def test_readme_example(tmp_path):
     os.chdir(tmp_path)
     try:
         ns: dict = {}
-        exec(compile(block.replace('"bleep_her2st/"', repr(str(tmp_path / "bleep_her2st"))), "README", "exec"), ns)
+        exec(compile(block.replace('"dual_knn_her2st/"', repr(str(tmp_path / "dual_knn_her2st"))), "README", "exec"), ns)
     finally:
         os.chdir(cwd)
     query = ns["query"]
     assert query.layers["predicted"].shape == query.shape
     assert query.uns["predicted_scores"]["summary"]["pcc_all"] > 0.05
-    assert (tmp_path / "bleep_her2st" / "config.json").is_file()
+    assert (tmp_path / "dual_knn_her2st" / "config.json").is_file()

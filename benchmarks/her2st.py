@@ -1,4 +1,4 @@
-"""Every method and both baselines on the her2st sections, with `sthist.tl.benchmark` (a thin script over it).
+"""Every method and the controls (ridge, ridge_gcv, knn, dual_knn) on the her2st sections, with `sthist.tl.benchmark`.
 
     python benchmarks/her2st.py --root ../shared/data/her2st --seeds 3 --threads 1
 
@@ -14,7 +14,7 @@ targets log10(1 + 1e4 x / library size over the panel) (`normalize_expression(fl
 at 0.5 µm/px (112 µm, HEST's convention); features of the weight-free `hed-texture` encoder computed once.
 
 Writes ``benchmarks/results/her2st_benchmark.json`` (or ``--out``): per protocol the summary, the paired
-comparison with the ridge probe and with raw-feature kNN, the **fidelity** comparisons (each registered variant
+comparison with the ridge probe, with the GCV ridge and with raw-feature kNN, the **fidelity** comparisons (each registered variant
 against its method's published recipe, paired over folds, seeds and genes) and the tidy table, with the wall time
 of each protocol and of the whole run.
 

@@ -126,8 +126,8 @@ def write_slide(path: Path, size: int) -> dict:
     }
 
 
-def fit_model(model_dir: Path) -> dict:
-    """A BLEEP model on toy data with 224 px patches at 0.5 µm/px and frozen hed-texture features."""
+def fit_model(model_dir: Path, encoder: str = "hed-texture") -> dict:
+    """A BLEEP model on toy data with 224 px patches at 0.5 µm/px and frozen ``encoder`` features."""
     import torch
 
     import sthist as st
@@ -137,10 +137,11 @@ def fit_model(model_dir: Path) -> dict:
     adata = st.datasets.toy(n_rows=12, n_cols=12, n_genes=50, seed=0)
     st.pp.extract_patches(adata, patch_size=224, mpp=MPP, progress=False)
     st.pp.normalize_expression(adata)
-    model = st.tl.fit_contrastive(adata, layer="targets", max_epochs=20, progress=False, device="cpu")
-    model.save(model_dir)
+    model = st.tl.fit_contrastive(adata, layer="targets", encoder=encoder, max_epochs=20, progress=False, device="cpu")
+    model.save(model_dir, overwrite=True)
     return {
         "method": model.method,
+        "encoder": encoder,
         "n_genes": len(model.genes),
         "n_bank": int(model.bank_embeddings.shape[0]),
         "fit_seconds": time.perf_counter() - t,
@@ -216,7 +217,7 @@ print(json.dumps({
     "baseline_rss_bytes": int(base_rss), "peak_rss_before_work_bytes": int(base_peak),
     "rss_after_bytes": int(proc.memory_info().rss),
     "sampled_peak_rss_bytes_by_stage": {k: int(v) for k, v in stage_peak.items()},
-    "output_X_bytes": int(pred.X.nbytes), "features_bytes": int(pred.obsm["X_hed_texture"].nbytes),
+    "output_X_bytes": int(pred.X.nbytes), "features_bytes": int(next(v for k, v in pred.obsm.items() if k.startswith("X_")).nbytes),
     "tile_tissue_params": {k: (v if isinstance(v, (str, int, float, bool, list)) else str(v)) for k, v in params.items()},
 }))
 """
@@ -240,6 +241,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=2048)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sthist_wsi_bench"))
     p.add_argument("--write-only", action="store_true", help="only write (cache) the synthetic slide")
+    p.add_argument("--encoder", default="hed-texture", help="the frozen encoder of the model (e.g. hed-fast)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "wsi_memory.json")
     args = p.parse_args()
 
@@ -257,9 +259,9 @@ def main() -> None:
     if args.write_only:
         return
 
-    model_dir = args.workdir / "toy_bleep_224px_0.5mpp"
-    print("fitting a BLEEP model on toy data ...", flush=True)
-    model_info = fit_model(model_dir)
+    model_dir = args.workdir / f"toy_bleep_224px_0.5mpp_{args.encoder}"
+    print(f"fitting a BLEEP model on toy data ({args.encoder} features) ...", flush=True)
+    model_info = fit_model(model_dir, args.encoder)
 
     print(f"tile_tissue + predict_slide(chunk_size={args.chunk_size}) in a subprocess ...", flush=True)
     run = run_child(path, model_dir, args.chunk_size)

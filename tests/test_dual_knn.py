@@ -76,8 +76,9 @@ def test_context_and_learnt_space_beat_raw_knn():
 
 def test_learns_on_toy_sections(toy_split):
     train, test = toy_split(0)
-    model = st.tl.fit_dual_knn(train, layer="targets", library_key="section", progress=False)
-    st.tl.predict_expression(test, model, library_key="section", progress=False)
+    kw = {"features_key": "X_hed_texture", "layer": "targets", "library_key": "section", "progress": False}
+    model = st.tl.fit_dual_knn(train, **kw)
+    st.tl.predict_expression(test, model, features_key="X_hed_texture", library_key="section", progress=False)
     truth = np.asarray(
         test.layers["targets"].toarray() if hasattr(test.layers["targets"], "toarray") else test.layers["targets"]
     )
@@ -85,8 +86,10 @@ def test_learns_on_toy_sections(toy_split):
     informative = test.var["informative"].to_numpy(bool)
     shuffled = train.copy()
     shuffled.obsm["X_hed_texture"] = shuffled.obsm["X_hed_texture"][np.random.default_rng(0).permutation(train.n_obs)]
-    null = st.tl.fit_dual_knn(shuffled, layer="targets", library_key="section", progress=False)
-    st.tl.predict_expression(test, null, library_key="section", key_added="null", progress=False)
+    null = st.tl.fit_dual_knn(shuffled, **kw)
+    st.tl.predict_expression(
+        test, null, features_key="X_hed_texture", library_key="section", key_added="null", progress=False
+    )
     r_null = _pearson(test.layers["null"].astype(np.float64), truth.astype(np.float64))
     assert np.nanmean(r[informative]) > np.nanmean(r_null[informative]) + 0.2
     assert "predicted_spread" in test.obs and np.isfinite(test.obs["predicted_spread"]).all()

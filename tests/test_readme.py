@@ -26,7 +26,9 @@ def test_readme_example(tmp_path):
     os.chdir(tmp_path)
     try:
         ns: dict = {}
-        exec(compile(block.replace('"dual_knn_her2st/"', repr(str(tmp_path / "dual_knn_her2st"))), "README", "exec"), ns)
+        exec(
+            compile(block.replace('"dual_knn_her2st/"', repr(str(tmp_path / "dual_knn_her2st"))), "README", "exec"), ns
+        )
     finally:
         os.chdir(cwd)
     query = ns["query"]

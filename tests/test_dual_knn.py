@@ -67,6 +67,14 @@ def test_context_and_learnt_space_beat_raw_knn():
     # without context (one neighbour barely averages) it is worse: the neighbours carry information
     one = st.tl.fit_dual_knn(train, features_key="X_enc", library_key="section", n_neighbors=1, progress=False)
     assert _score(one, test) < r_dual - 0.05
+    # the ablations: the context alone lifts even raw retrieval (it averages the per-spot noise away); the learnt
+    # space, which finds the two informative columns, is better still
+    kw = {"features_key": "X_enc", "library_key": "section", "progress": False}
+    raw = st.tl.fit_dual_knn(train, spaces="raw", **kw)
+    learnt = st.tl.fit_dual_knn(train, spaces=["learnt"], **kw)
+    assert raw.spaces == ("raw",) and learnt.spaces == ("learnt",) and dual.spaces == ("raw", "learnt")
+    r_raw, r_learnt = _score(raw, test), _score(learnt, test)
+    assert r_raw > r_knn + 0.2 and r_learnt > r_raw + 0.05 and r_dual > r_raw + 0.05
     # a model fitted on shuffled expression learns nothing
     shuffled = train.copy()
     shuffled.X = shuffled.X[np.random.default_rng(3).permutation(shuffled.n_obs)]
@@ -105,7 +113,7 @@ def test_fit_is_repeatable_and_records_itself():
     np.testing.assert_array_equal(pa.expression, pb.expression)
     assert set(train.uns) == before | {"dual_knn"}
     params = train.uns["dual_knn"]["params"]
-    assert params["method"] == "dual_knn" and params["k"] == 50 and params["n_neighbors"] == 6
+    assert params["method"] == "dual_knn" and params["k"] == 50 and params["n_neighbors"] == 12
     assert params["alpha"] in set(np.logspace(-1, 4, 12).tolist())
     assert a.inputs.needs_neighbors and a.prediction == "retrieval" and a.method == "dual_knn"
     assert pa.expression.shape == (test.n_obs, train.n_vars) and pa.expression.dtype == np.float32
@@ -137,7 +145,11 @@ def test_save_load_round_trip(tmp_path):
     st.tl.predict_expression(t, str(tmp_path / "m"), features_key="X_enc", library_key="section", progress=False)
     assert np.isfinite(t.layers["predicted"]).all()
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert cfg["format"] == "sthist.DualKNNModel" and cfg["n_neighbors"] == 6
+    assert cfg["format"] == "sthist.DualKNNModel" and cfg["n_neighbors"] == 12 and cfg["spaces"] == ["raw", "learnt"]
+    st.tl.fit_dual_knn(
+        train, features_key="X_enc", library_key="section", spaces="learnt", save_dir=tmp_path / "l", progress=False
+    )
+    assert st.tl.load_model(tmp_path / "l").spaces == ("learnt",)
     (tmp_path / "m" / "dual_knn_model.npz").unlink()
     with pytest.raises(ModelFileError, match=r"lacks dual_knn_model\.npz"):
         st.tl.load_model(tmp_path / "m")
@@ -165,6 +177,9 @@ def test_prediction_needs_positions():
         ({"k": 0}, None, ValueError, "k"),
         ({"n_neighbors": 0}, None, ValueError, "n_neighbors"),
         ({"n_expression_components": -1}, None, ValueError, "n_expression_components"),
+        ({"spaces": ["raw", "raw"]}, None, ValueError, r"spaces must name one or both of \['raw', 'learnt'\]"),
+        ({"spaces": []}, None, ValueError, "spaces must name"),
+        ({"spaces": "pixels"}, None, ValueError, "spaces must name"),
         ({}, "no_spatial", KeyError, r"method 'dual_knn' uses the spots' positions"),
         ({}, "nan_features", ValueError, "NaN or infinite"),
         ({"library_key": "nope"}, None, KeyError, "nope"),

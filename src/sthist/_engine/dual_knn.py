@@ -41,6 +41,9 @@ FORMAT_VERSION = 1
 NPZ_FILE = "dual_knn_model.npz"
 _ARRAYS = ("mean", "scale", "bank", "projection", "offset", "bank_learnt", "expression")
 
+#: The two retrieval spaces, in the order their names are recorded.
+SPACES = ("raw", "learnt")
+
 #: Ridge penalties searched by generalised cross-validation (the grid of the no-model baseline of ``../shared``).
 GCV_ALPHAS = np.logspace(-1, 4, 12)
 
@@ -59,6 +62,16 @@ def context_features(features: np.ndarray, coords: np.ndarray, groups: np.ndarra
     ctx = np.where(valid[..., None], x[np.where(valid, nb, 0)], 0.0).sum(1)
     ctx = np.where(count > 0, ctx / np.maximum(count, 1), x)
     return np.concatenate([x, ctx], axis=1)
+
+
+def check_spaces(spaces: Any) -> tuple[str, ...]:
+    """``spaces`` as a tuple of distinct names of :data:`SPACES` (at least one), in :data:`SPACES` order."""
+    names = [spaces] if isinstance(spaces, str) else list(spaces) if isinstance(spaces, Sequence) else None
+    if not names or any(not isinstance(n, str) or n not in SPACES for n in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"spaces must name one or both of {list(SPACES)} (each once), e.g. spaces=('raw', 'learnt'); got {spaces!r}."
+        )
+    return tuple(n for n in SPACES if n in names)
 
 
 def _knn_mean(query: np.ndarray, bank: np.ndarray, expression: np.ndarray, k: int, chunk: int):
@@ -91,6 +104,8 @@ class DualKNNModel(BaseModel):
         Neighbours averaged per query in each space.
     n_neighbors
         Spatial neighbours whose mean features form a spot's context.
+    spaces
+        The retrievals averaged: ``("raw", "learnt")`` (the default), or one of them alone (an ablation).
     settings
         What the fit chose (ridge penalty, components).
     """
@@ -111,7 +126,8 @@ class DualKNNModel(BaseModel):
         bank_learnt: np.ndarray,
         expression: np.ndarray,
         k: int = 50,
-        n_neighbors: int = 6,
+        n_neighbors: int = 12,
+        spaces: Sequence[str] = SPACES,
         settings: dict[str, Any] | None = None,
     ) -> None:
         self.genes = [str(g) for g in genes]
@@ -127,6 +143,7 @@ class DualKNNModel(BaseModel):
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}.")
         self.k, self.n_neighbors = int(k), int(n_neighbors)
+        self.spaces = check_spaces(spaces)
         self.settings = dict(settings or {})
         d, n, g, q = self.mean.shape[0], self.bank.shape[0], len(self.genes), self.offset.shape[0]
         if (
@@ -150,6 +167,7 @@ class DualKNNModel(BaseModel):
     def __repr__(self) -> str:
         return (
             f"DualKNNModel(encoder={self.inputs.encoder!r}, k={self.k}, n_neighbors={self.n_neighbors}, "
+            f"spaces={self.spaces!r}, "
             f"n_bank={self.bank.shape[0]}, n_genes={len(self.genes)})"
         )
 
@@ -158,7 +176,12 @@ class DualKNNModel(BaseModel):
         k = self.k if k is None else k
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}.")
-        return {"k": int(min(k, self.bank.shape[0])), "weighting": "average", "n_neighbors": self.n_neighbors}
+        return {
+            "k": int(min(k, self.bank.shape[0])),
+            "weighting": "average",
+            "n_neighbors": self.n_neighbors,
+            "spaces": list(self.spaces),
+        }
 
     def embed(self, features: np.ndarray, coords: np.ndarray, groups: np.ndarray | None):
         """The standardised context features and their learnt (expression-aligned) coordinates of query spots."""
@@ -188,22 +211,22 @@ class DualKNNModel(BaseModel):
         chunk_size: int = 4096,
         **options: Any,
     ) -> Prediction:
-        """The average of the two retrievals, and the spread of the ``2 k`` retrieved profiles.
+        """The average of the retrievals (both spaces by default), and the spread of the retrieved profiles.
 
-        The spread per spot is the mean over genes of the standard deviation of the retrieved profiles (both
-        spaces together). Other retrieval options (``weighting``, ``index``) do not apply and are ignored.
+        The spread per spot is the mean over genes of the standard deviation of the ``k`` profiles retrieved in
+        each space, all spaces together. Other retrieval options (``weighting``, ``index``) do not apply and are ignored.
         """
         k = self.prediction_settings(k=k)["k"]
         x = self._features(images, features, device=device, progress=progress, batch_size=min(batch_size, 64))
         q_raw, q_learnt = self.embed(np.asarray(x, dtype=np.float64), coords, groups)
         chunk = max(1, int(chunk_size))
-        a, ia = _knn_mean(q_raw, self.bank, self.expression, k, chunk)
-        b, ib = _knn_mean(q_learnt, self.bank_learnt, self.expression, k, chunk)
+        queries = {"raw": (q_raw, self.bank), "learnt": (q_learnt, self.bank_learnt)}
+        means, idx = zip(*(_knn_mean(*queries[name], self.expression, k, chunk) for name in self.spaces), strict=True)
         spread = np.empty(q_raw.shape[0], dtype=np.float32)
         for s in range(0, q_raw.shape[0], chunk):
-            nb = self.expression[np.concatenate([ia[s : s + chunk], ib[s : s + chunk]], axis=1)]
+            nb = self.expression[np.concatenate([i[s : s + chunk] for i in idx], axis=1)]
             spread[s : s + nb.shape[0]] = nb.std(1).mean(1)
-        return Prediction(((a + b) / 2).astype(np.float32), spread)
+        return Prediction((sum(means) / len(means)).astype(np.float32), spread)
 
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write ``config.json`` and ``dual_knn_model.npz`` to the folder ``dir_path``."""
@@ -219,6 +242,7 @@ class DualKNNModel(BaseModel):
                 "inputs": self.inputs.to_dict(),
                 "k": self.k,
                 "n_neighbors": self.n_neighbors,
+                "spaces": list(self.spaces),
                 "settings": self.settings,
             },
         )
@@ -241,6 +265,7 @@ class DualKNNModel(BaseModel):
                 inputs=ModelInputs.from_dict(meta["inputs"]),
                 k=int(meta["k"]),
                 n_neighbors=int(meta["n_neighbors"]),
+                spaces=meta.get("spaces", SPACES),
                 settings=meta.get("settings") or {},
                 **arrays,
             )
@@ -257,9 +282,10 @@ def fit_dual_knn(
     groups: np.ndarray | None,
     inputs: ModelInputs,
     k: int = 50,
-    n_neighbors: int = 6,
+    n_neighbors: int = 12,
     n_components: int = 64,
     n_expression_components: int = 32,
+    spaces: Sequence[str] = SPACES,
     random_state: int | None = 0,
 ) -> DualKNNModel:
     """Fit :class:`DualKNNModel` on numpy arrays (see the module docstring); logs nothing."""
@@ -312,6 +338,7 @@ def fit_dual_knn(
         expression=y,
         k=int(k),
         n_neighbors=int(n_neighbors),
+        spaces=spaces,
         settings={
             "alpha": float(ridge.alpha_),
             "n_components": n_pc,

@@ -40,9 +40,10 @@ def fit_dual_knn(
     spatial_key: str = C.SPATIAL_KEY,
     library_key: str | None = None,
     k: int = 50,
-    n_neighbors: int = 6,
+    n_neighbors: int = 12,
     n_components: int = 64,
     n_expression_components: int = 32,
+    spaces: Sequence[str] = ("raw", "learnt"),
     random_state: int | np.random.Generator | None = 0,
     save_dir: str | Path | None = None,
     key_added: str = DUAL_KNN_KEY,
@@ -78,11 +79,17 @@ def fit_dual_knn(
     k
         Training spots averaged per query in each space (50, as BLEEP retrieves); capped at the training spots.
     n_neighbors
-        Spatial neighbours whose mean features form a spot's context (6: the first ring of a hexagonal grid).
+        Spatial neighbours whose mean features form a spot's context (12: on the 200 µm grid of legacy ST the eight
+        around a spot and four more; on Visium's hexagonal grid the first ring and half the second). Chosen as the
+        best of 1 to 24 on the top-50 HEG within patient C and confirmed across patients
+        (``benchmarks/results/dual_knn_tuning.json``).
     n_components
         Principal components of the context features the learnt map reads.
     n_expression_components
         Principal components of the expression that span the learnt space.
+    spaces
+        The retrievals averaged: both (the default), or ``'raw'`` or ``'learnt'`` alone, to measure what each
+        contributes.
     {random_state}
     {baseline_record}
     {progress}
@@ -103,6 +110,7 @@ def fit_dual_knn(
     >>> model = sthist.tl.fit_dual_knn(adata, layer="targets", library_key="section")  # doctest: +SKIP
     >>> sthist.tl.predict_expression(new_slide, model)  # doctest: +SKIP
     """
+    from .._engine.dual_knn import check_spaces
     from .._engine.dual_knn import fit_dual_knn as engine_fit
 
     fn = "sthist.tl.fit_dual_knn"
@@ -111,6 +119,7 @@ def fit_dual_knn(
     counts["n_expression_components"] = n_expression_components
     counts = {name: check_positive_int(name, value) for name, value in counts.items()}
     seed = _seed(random_state)
+    spaces = check_spaces(spaces)
     coords, groups = spatial_inputs(
         adata, spatial_key=spatial_key, library_key=library_key, needs_space=True, method="dual_knn"
     )
@@ -131,7 +140,15 @@ def fit_dual_knn(
         f"neighbours (k = {counts['k']} in each space)"
     )
     model = engine_fit(
-        feats.values, y, gene_names, coords=coords, groups=groups, inputs=inputs, random_state=seed, **counts
+        feats.values,
+        y,
+        gene_names,
+        coords=coords,
+        groups=groups,
+        inputs=inputs,
+        spaces=spaces,
+        random_state=seed,
+        **counts,
     )
     if save_dir is not None:
         model.save(save_dir, overwrite=True)
@@ -142,6 +159,7 @@ def fit_dual_knn(
         "layer": layer,
         "n_genes": len(gene_names),
         **counts,
+        "spaces": list(spaces),
         **model.settings,
         "library_key": library_key,
         "inputs": inputs.to_dict(),

@@ -164,3 +164,18 @@ def test_fit_and_predict_options_reach_the_api(tmp_path, monkeypatch):
         )
     assert seen["predict"]["index"] == "faiss-ivf"
     assert seen["predict"]["k"] is None and seen["predict"]["weighting"] is None
+
+
+def test_fit_dual_knn_uses_each_methods_default_encoder(tmp_path):
+    import sthist as st
+
+    adata = st.datasets.toy(n_rows=8, n_cols=8, n_genes=12, n_sections=2, seed=0)
+    path = tmp_path / "ref.h5ad"
+    adata.write_h5ad(path)
+    base = ["fit", str(path), "--method", "dual_knn", "--library-key", "section", "--patch-size", "48", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "m")]) == 0
+    # without --encoder every fit keeps its own default: hed-fast for dual_knn
+    assert st.tl.load_model(tmp_path / "m").inputs.encoder == "hed-fast"
+    assert main([*base, "--out", str(tmp_path / "t"), "--encoder", "hed-texture"]) == 0
+    model = st.tl.load_model(tmp_path / "t")
+    assert model.inputs.encoder == "hed-texture" and model.method == "dual_knn" and model.n_neighbors == 12

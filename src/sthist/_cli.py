@@ -52,7 +52,11 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         "--normalize", default="log1p", choices=["log1p", "hist2st"], help="normalisation of X (default: log1p)"
     )
     p.add_argument("--genes", default=None, help="text file with one gene per line, or a boolean var column")
-    p.add_argument("--encoder", default="hed-texture", help="image encoder (default: hed-texture, weight-free)")
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="image encoder (default: the method's own, weight-free: hed-texture, or hed-fast for dual_knn)",
+    )
     p.add_argument("--checkpoint", default=None, help="local weight file for the encoder")
     p.add_argument("--patch-size", type=int, default=224, help="patch size in pixels, if patches must be extracted")
     p.add_argument("--mpp", type=float, default=None, help="resample patches to this many microns per pixel")
@@ -97,7 +101,6 @@ def _run_fit(args: argparse.Namespace) -> int:
     options = {
         "layer": layer,
         "genes": args.genes,
-        "encoder": args.encoder,
         "checkpoint": args.checkpoint,
         "library_key": args.library_key,
         "finetune": args.finetune,
@@ -108,6 +111,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         "random_state": args.seed,
         "progress": not args.no_progress,
     }
+    if args.encoder is not None:  # else each fit's default encoder
+        options["encoder"] = args.encoder
     from sthist.tl._registry import fit_predictor
 
     model = fit_predictor(adata, args.method, **options)

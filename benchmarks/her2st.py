@@ -62,7 +62,7 @@ def run_parts(args) -> tuple[dict, float]:
             data,
             methods=methods,
             baselines=baselines,
-            seeds=int(args.seeds) if "," not in args.seeds else [int(v) for v in args.seeds.split(",")],
+            seeds=int(args.seeds) if "," not in args.seeds else [int(v) for v in args.seeds.split(",") if v],
             layer="targets",
             library_key="section",
             encoder=args.encoder,
@@ -82,22 +82,36 @@ def merge(parts: list[dict]) -> dict:
 
     import pandas as pd
 
+    from sthist.tl._benchmark import _summary
+
     merged = {}
     for name in parts[0]:
         rs = [p[name] for p in parts if name in p]
         per_gene = {}
         for r in rs:
-            shared = {m for m, _, _ in r.per_gene} & {m for m, _, _ in per_gene}
+            shared = set(r.per_gene) & set(per_gene)
             if shared:
-                raise ValueError(f"{name}: methods {sorted(shared)} are in more than one part; give each part its own.")
+                raise ValueError(
+                    f"{name}: (method, fold, seed) {sorted(shared)[:3]} are in more than one part; give each part "
+                    "its own methods or its own seeds."
+                )
             per_gene.update(r.per_gene)
-        summary = pd.concat([r.summary for r in rs]).drop_duplicates(subset=["method", "fold"], keep="first")
-        table = pd.concat([r.table for r in rs]).drop_duplicates(
-            subset=["method", "fold", "seed", "metric"], keep="first"
+        table = pd.concat([r.table for r in rs], ignore_index=True)
+        # the summary is recomputed from all parts' rows: a method may be split over parts by seed
+        metrics = list(dict.fromkeys(table["metric"]))
+        wide = table.pivot_table(
+            index=["method", "fold", "seed", "split"], columns="metric", values="value", sort=False
         )
+        summary = _summary(wide.reset_index(), metrics)
         ref = "ridge" if any(m == "ridge" for m, _, _ in per_gene) else rs[0].reference
         res = dataclasses.replace(
-            rs[0], table=table, summary=summary, per_gene=per_gene, reference=ref, seconds=sum(r.seconds for r in rs)
+            rs[0],
+            table=table,
+            summary=summary,
+            per_gene=per_gene,
+            reference=ref,
+            seeds=sorted({seed for _, _, seed in per_gene}),
+            seconds=sum(r.seconds for r in rs),
         )
         merged[name] = dataclasses.replace(res, comparison=res.compare(ref))
     return merged
@@ -173,7 +187,9 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st")
     p.add_argument("--methods", default="all", help="comma-separated methods (default: every contrastive method)")
     p.add_argument("--baselines", default="ridge,knn")
-    p.add_argument("--seeds", default="3", help="a number of seeds (0, 1, ...) or a comma-separated list of seeds")
+    p.add_argument(
+        "--seeds", default="3", help='a number of seeds (0, 1, ...) or a comma-separated list of seeds (one seed: "2,")'
+    )
     p.add_argument("--protocols", default="within_patient_C,C_to_B")
     p.add_argument("--patch-size", type=int, default=224)
     p.add_argument("--mpp", type=float, default=0.5)

@@ -330,6 +330,37 @@ def read_config(path: str | os.PathLike, *, expect: str | None = None) -> dict[s
     return doc
 
 
+def load_npz_model(
+    dir_path: str | os.PathLike,
+    *,
+    expect: str,
+    version: int,
+    npz_file: str,
+    names: tuple[str, ...],
+    what: str,
+    build: Any,
+) -> Any:
+    """A model saved as ``config.json`` and one ``.npz`` of ``names`` (read with ``allow_pickle=False``).
+
+    Checks the format (``expect``) and its ``version``, that the npz file is there, reads the arrays and returns
+    ``build(meta, arrays)``; a missing array or one the model refuses raises a :class:`ModelFileError` naming the
+    folder and ``what`` model it held.
+    """
+    path = Path(dir_path)
+    where = f"model folder {str(path)!r}"
+    meta = read_config(path, expect=expect)
+    if meta.get("format_version") != version:
+        raise ModelFileError(f"{where}: format version {meta.get('format_version')!r} is not {version}.")
+    if not (path / npz_file).is_file():
+        raise ModelFileError(f"{where} lacks {npz_file}; copy the whole folder.")
+    try:
+        with np.load(path / npz_file, allow_pickle=False) as npz:
+            arrays = {a: np.array(npz[a]) for a in names}
+        return build(meta, arrays)
+    except (KeyError, TypeError, ValueError, OSError) as err:
+        raise ModelFileError(f"{where}: the saved {what} model is incomplete or invalid ({err}).") from err
+
+
 def load_model(dir_path: str | os.PathLike, *, device: str | None = None) -> BaseModel:
     """Load any saved sthist model folder, dispatching on the ``format`` of its ``config.json``."""
     from . import dual_knn, knn, model, ridge  # noqa: F401  (define and register the model classes)

@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import (
     BaseModel,
-    ModelFileError,
     ModelInputs,
     Prediction,
     check_save_target,
-    read_config,
+    load_npz_model,
     write_config,
 )
 
@@ -72,23 +70,6 @@ def check_spaces(spaces: Any) -> tuple[str, ...]:
             f"spaces must name one or both of {list(SPACES)} (each once), e.g. spaces=('raw', 'learnt'); got {spaces!r}."
         )
     return tuple(n for n in SPACES if n in names)
-
-
-def _knn_mean(query: np.ndarray, bank: np.ndarray, expression: np.ndarray, k: int, chunk: int):
-    """Mean expression of the ``k`` nearest bank rows of every query row, and the neighbours' indices."""
-    bank_sq = (bank * bank).sum(1)
-    out = np.empty((query.shape[0], expression.shape[1]), dtype=np.float64)
-    idx_all = np.empty((query.shape[0], k), dtype=np.int64)
-    for s in range(0, query.shape[0], chunk):
-        q = query[s : s + chunk]
-        d2 = bank_sq[None, :] - 2.0 * q @ bank.T  # + |q|^2, the same for a row: not needed to rank
-        if k < bank.shape[0]:
-            idx = np.argpartition(d2, k - 1, axis=1)[:, :k]
-        else:
-            idx = np.tile(np.arange(bank.shape[0]), (q.shape[0], 1))
-        out[s : s + q.shape[0]] = expression[idx].mean(1)
-        idx_all[s : s + q.shape[0]] = idx
-    return out, idx_all
 
 
 class DualKNNModel(BaseModel):
@@ -219,14 +200,18 @@ class DualKNNModel(BaseModel):
         k = self.prediction_settings(k=k)["k"]
         x = self._features(images, features, device=device, progress=progress, batch_size=min(batch_size, 64))
         q_raw, q_learnt = self.embed(np.asarray(x, dtype=np.float64), coords, groups)
-        chunk = max(1, int(chunk_size))
+        from .knn import iter_nearest
+
         queries = {"raw": (q_raw, self.bank), "learnt": (q_learnt, self.bank_learnt)}
-        means, idx = zip(*(_knn_mean(*queries[name], self.expression, k, chunk) for name in self.spaces), strict=True)
+        spaces = [iter_nearest(*queries[name], k, chunk_size) for name in self.spaces]
+        out = np.empty((q_raw.shape[0], len(self.genes)), dtype=np.float32)
         spread = np.empty(q_raw.shape[0], dtype=np.float32)
-        for s in range(0, q_raw.shape[0], chunk):
-            nb = self.expression[np.concatenate([i[s : s + chunk] for i in idx], axis=1)]
-            spread[s : s + nb.shape[0]] = nb.std(1).mean(1)
-        return Prediction((sum(means) / len(means)).astype(np.float32), spread)
+        for chunk in zip(*spaces, strict=True):  # the same query rows in every space
+            rows = chunk[0][0]
+            out[rows] = sum(self.expression[idx].mean(1).astype(np.float64) for _, idx in chunk) / len(chunk)
+            nb = self.expression[np.concatenate([idx for _, idx in chunk], axis=1)]
+            spread[rows] = nb.std(1).mean(1)
+        return Prediction(out, spread)
 
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write ``config.json`` and ``dual_knn_model.npz`` to the folder ``dir_path``."""
@@ -250,17 +235,14 @@ class DualKNNModel(BaseModel):
     @classmethod
     def load(cls, dir_path: str | os.PathLike, *, device: str | None = None) -> DualKNNModel:
         """Read a model written by :meth:`save` (``allow_pickle=False``); ``device`` is unused."""
-        path = Path(dir_path)
-        where = f"model folder {str(path)!r}"
-        meta = read_config(path, expect=FORMAT)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ModelFileError(f"{where}: format version {meta.get('format_version')!r} is not {FORMAT_VERSION}.")
-        if not (path / NPZ_FILE).is_file():
-            raise ModelFileError(f"{where} lacks {NPZ_FILE}; copy the whole folder.")
-        try:
-            with np.load(path / NPZ_FILE, allow_pickle=False) as npz:
-                arrays = {a: np.array(npz[a]) for a in _ARRAYS}
-            return cls(
+        return load_npz_model(
+            dir_path,
+            expect=FORMAT,
+            version=FORMAT_VERSION,
+            npz_file=NPZ_FILE,
+            names=_ARRAYS,
+            what="dual_knn",
+            build=lambda meta, arrays: cls(
                 genes=meta["genes"],
                 inputs=ModelInputs.from_dict(meta["inputs"]),
                 k=int(meta["k"]),
@@ -268,9 +250,8 @@ class DualKNNModel(BaseModel):
                 spaces=meta.get("spaces", SPACES),
                 settings=meta.get("settings") or {},
                 **arrays,
-            )
-        except (KeyError, TypeError, ValueError, OSError) as err:
-            raise ModelFileError(f"{where}: the saved dual_knn model is incomplete or invalid ({err}).") from err
+            ),
+        )
 
 
 def fit_dual_knn(

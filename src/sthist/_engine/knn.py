@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import (
     BaseModel,
-    ModelFileError,
     ModelInputs,
     Prediction,
     check_save_target,
-    read_config,
+    load_npz_model,
     write_config,
 )
 
@@ -113,20 +111,12 @@ class KNNModel(BaseModel):
         k = self.prediction_settings(k=k)["k"]
         x = self._features(images, features, device=device, progress=progress, batch_size=min(batch_size, 64))
         q = ((np.asarray(x, dtype=np.float32) - self.mean) / self.scale).astype(np.float32)
-        bank_sq = (self.bank * self.bank).sum(1)
         out = np.empty((q.shape[0], len(self.genes)), dtype=np.float32)
         spread = np.empty(q.shape[0], dtype=np.float32)
-        for s in range(0, q.shape[0], max(1, int(chunk_size))):
-            qc = q[s : s + chunk_size]
-            d2 = bank_sq[None, :] - 2.0 * qc @ self.bank.T  # + |q|^2, the same for a row: not needed to rank
-            idx = (
-                np.argpartition(d2, k - 1, axis=1)[:, :k]
-                if k < self.bank.shape[0]
-                else np.tile(np.arange(self.bank.shape[0]), (qc.shape[0], 1))
-            )
+        for rows, idx in iter_nearest(q, self.bank, k, chunk_size):
             nb = self.expression[idx]  # (q, k, g)
-            out[s : s + qc.shape[0]] = nb.mean(1)
-            spread[s : s + qc.shape[0]] = nb.std(1).mean(1)
+            out[rows] = nb.mean(1)
+            spread[rows] = nb.std(1).mean(1)
         return Prediction(out, spread)
 
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -148,19 +138,35 @@ class KNNModel(BaseModel):
     @classmethod
     def load(cls, dir_path: str | os.PathLike, *, device: str | None = None) -> KNNModel:
         """Read a model written by :meth:`save` (``allow_pickle=False``); ``device`` is unused."""
-        path = Path(dir_path)
-        where = f"model folder {str(path)!r}"
-        meta = read_config(path, expect=FORMAT)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ModelFileError(f"{where}: format version {meta.get('format_version')!r} is not {FORMAT_VERSION}.")
-        if not (path / NPZ_FILE).is_file():
-            raise ModelFileError(f"{where} lacks {NPZ_FILE}; copy the whole folder.")
-        try:
-            with np.load(path / NPZ_FILE, allow_pickle=False) as npz:
-                arrays = {a: np.array(npz[a]) for a in _ARRAYS}
-            return cls(genes=meta["genes"], inputs=ModelInputs.from_dict(meta["inputs"]), k=int(meta["k"]), **arrays)
-        except (KeyError, TypeError, ValueError, OSError) as err:
-            raise ModelFileError(f"{where}: the saved kNN model is incomplete or invalid ({err}).") from err
+        return load_npz_model(
+            dir_path,
+            expect=FORMAT,
+            version=FORMAT_VERSION,
+            npz_file=NPZ_FILE,
+            names=_ARRAYS,
+            what="kNN",
+            build=lambda meta, arrays: cls(
+                genes=meta["genes"], inputs=ModelInputs.from_dict(meta["inputs"]), k=int(meta["k"]), **arrays
+            ),
+        )
+
+
+def iter_nearest(query: np.ndarray, bank: np.ndarray, k: int, chunk_size: int):
+    """Exact Euclidean ``k`` nearest bank rows of the query rows, ``chunk_size`` queries at a time.
+
+    Yields ``(rows, idx)``: the slice of query rows and their bank indices (len(rows), k), in no particular order
+    within a row (all bank rows when ``k`` is at least the bank size).
+    """
+    bank_sq = (bank * bank).sum(1)
+    chunk = max(1, int(chunk_size))
+    for s in range(0, query.shape[0], chunk):
+        q = query[s : s + chunk]
+        d2 = bank_sq[None, :] - 2.0 * q @ bank.T  # + |q|^2, the same for a row: not needed to rank
+        if k < bank.shape[0]:
+            idx = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        else:
+            idx = np.tile(np.arange(bank.shape[0]), (q.shape[0], 1))
+        yield slice(s, s + q.shape[0]), idx
 
 
 def fit_knn(

@@ -11,6 +11,14 @@ above ``mean + sd`` and of blob peaks are rounding artefacts: every pixel ties t
 answer there changes with the batch the patch is in (``test_reference_depends_on_batch_on_flat_patches``). Those
 three counts are not compared on the flat structured patches (``FLAT``); the fast version gives one answer for a
 patch whatever its batch (``test_independent_of_batch``), from a mean and spread that are correctly rounded.
+
+The local contrast (``LOCAL_CONTRAST``: the standard deviation in 7 x 7 windows, ``sqrt(E[x^2] - E[x]^2)``) of a flat
+patch is the square root of a cancellation: both implementations compute it in float32, where ``E[x^2] - E[x]^2`` of
+a constant region is rounding noise of order ``eps * x^2``, so its square root is of order ``sqrt(eps) * x`` (about
+3.5e-4 of the value), and which noise a kernel leaves depends on the order of its float32 sums (torch 2.14 sums in
+another order than 2.13; a float64 computation of the same feature differs from both by up to 0.7 %). On flat
+patches these features are compared within ``sqrt(eps)`` times the level of their channel (its largest mean density),
+not within 1e-4 of the feature's own scale.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ torch.set_num_threads(1)
 COUNT_FEATURES = {52: 1.0, 53: 1.0, 54: 1.0, 55: 1.0, 56: 100.0, 57: 100.0, 65: 1.0}
 TIE_FEATURES = (55, 56, 57)  # H > mean + sd and blob peaks: rounding artefacts on flat patches
 N_STRUCTURED = 12
+LOCAL_CONTRAST = (48, 49, 50, 51)  # sqrt(E[x^2] - E[x]^2): float32 cancellation on flat patches
+SQRT_EPS32 = float(np.sqrt(np.finfo(np.float32).eps))  # 3.45e-4
 FLAT = np.array([False] * 5 + [True] * 7)  # stripes, an edge, flat blocks and constant patches (see _structured)
 
 
@@ -267,7 +277,8 @@ def fast():
 def _assert_close(got: torch.Tensor, want: torch.Tensor, pixels: int, flat=None) -> None:
     """Every feature within 1e-4 of its scale; pixel counts may differ by one pixel (see the module docstring).
 
-    ``flat``: per compared row, whether it is a flat patch, whose :data:`TIE_FEATURES` are not compared.
+    ``flat``: per compared row, whether it is a flat patch, whose :data:`TIE_FEATURES` are not compared and whose
+    :data:`LOCAL_CONTRAST` features agree within ``sqrt(eps)`` of their scale (see the module docstring).
     """
     got, want = got.reshape(-1, got.shape[-1]).double(), want.reshape(-1, want.shape[-1]).double()
     assert got.shape == want.shape
@@ -280,6 +291,13 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, pixels: int, flat=None)
             d = diff[keep, j] if j in TIE_FEATURES else diff[:, j]
             assert d.numel() == 0 or d.max() <= COUNT_FEATURES[j] / pixels * 1.001, f"feature {j}: over a pixel apart"
             assert ((got[:, j] >= 0) & (got[:, j] <= COUNT_FEATURES[j])).all()
+        elif j in LOCAL_CONTRAST:
+            rel = diff[:, j] / scale[j]
+            assert (rel[keep] < 1e-4).all(), f"feature {j}: relative difference {rel[keep].max()}"
+            # the cancelled values are the channel's squares: noise of sqrt(eps) times the channel's level (its mean
+            # density, feature j - 48)
+            level = want[:, j - LOCAL_CONTRAST[0]].abs().max()
+            assert (diff[~keep, j] < SQRT_EPS32 * level).all(), f"feature {j} (flat patches): over sqrt(eps)"
         else:
             assert (diff[:, j] / scale[j]).max() < 1e-4, (
                 f"feature {j}: relative difference {diff[:, j].max() / scale[j]}"
@@ -355,9 +373,13 @@ def test_reference_depends_on_batch_on_flat_patches(ref):
     x = _images(patches)
     with torch.inference_mode():
         batched, alone = ref(x), torch.cat([ref(x[i : i + 1]) for i in range(len(x))])
-    differs = (batched != alone).any(0).nonzero().flatten().tolist()
-    assert set(differs) <= {*COUNT_FEATURES, 67}  # counts (and H-E correlation of a flat patch, 0 / 0)
-    assert (batched != alone)[:9].sum() == 0  # random patches: no ties
+    rel = (batched - alone).abs().double() / alone.abs().amax(0).double().clamp_min(1e-2)
+    # beyond float32 rounding (1e-6 of a feature's scale): counts, the local contrast of flat patches (a float32
+    # cancellation) and the H-E correlation of a flat patch (0 / 0)
+    differs = (rel > 1e-6).any(0).nonzero().flatten().tolist()
+    assert set(differs) <= {*COUNT_FEATURES, *LOCAL_CONTRAST, 67}
+    assert (rel[:9] > 1e-6).sum() == 0  # random patches: no ties, rounding-level differences only
+    assert (batched != alone)[9:][:, list(COUNT_FEATURES)].any()  # the counts of flat patches change with the batch
 
 
 def test_equals_reference_values_outside_unit_range(ref, fast):

@@ -439,10 +439,90 @@ def test_her2st_bad_arguments(fake_root, kwargs, error, match):
         sthist.datasets.her2st(root, progress=False, **kwargs)
 
 
+def _no_download(monkeypatch):
+    from sthist.datasets import _her2st_fetch
+
+    def fetch_her2st(**kwargs):
+        raise AssertionError("her2st() must not download when STHIST_HER2ST or root names a copy")
+
+    monkeypatch.setattr(_her2st_fetch, "fetch_her2st", fetch_her2st)
+
+
+def test_her2st_env_variable_names_the_copy(fake_root, monkeypatch):
+    root, tables = fake_root
+    _no_download(monkeypatch)
+    for folder in (root, root / "data"):  # the repository folder or its data folder
+        monkeypatch.setenv("STHIST_HER2ST", str(folder))
+        adata = sthist.datasets.her2st(sections=["X1"], hires_max_size=300, progress=False)
+        assert adata.n_obs == len(tables["X1"]) - 1 and list(adata.var_names) == ["G1", "G2", "G3"]
+        assert Path(adata.uns["spatial"]["X1"]["metadata"][C.SOURCE_IMAGE_PATH]).is_relative_to(root)
+
+
+def test_her2st_env_variable_is_logged(fake_root, monkeypatch):
+    from sthist.datasets import _her2st
+
+    root, _ = fake_root
+    _no_download(monkeypatch)
+    logged = []
+    monkeypatch.setattr(_her2st, "info", lambda msg, **kwargs: logged.append(msg))
+    monkeypatch.setenv("STHIST_HER2ST", str(root))
+    sthist.datasets.her2st(sections=["Y1"], progress=False)
+    assert any("STHIST_HER2ST" in msg and str(root) in msg for msg in logged)
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no-counts"])
+def test_her2st_env_variable_wrong_path_raises(layout, tmp_path, monkeypatch):
+    _no_download(monkeypatch)
+    folder = tmp_path / "her2st"
+    if layout != "missing":
+        (folder / "data").mkdir(parents=True)
+    if layout == "no-counts":
+        (folder / "data" / "ST-imgs").mkdir()
+    monkeypatch.setenv("STHIST_HER2ST", str(folder))
+    with pytest.raises(FileNotFoundError, match=rf"STHIST_HER2ST.*{re.escape(repr(str(folder)))}") as info:
+        sthist.datasets.her2st(progress=False)
+    assert "unset STHIST_HER2ST" in str(info.value)
+
+
+def test_her2st_env_variable_incomplete_copy_raises(fake_root, monkeypatch):
+    root, _ = fake_root
+    _no_download(monkeypatch)
+    import shutil
+
+    shutil.rmtree(root / "data" / "ST-imgs")
+    monkeypatch.setenv("STHIST_HER2ST", str(root))
+    with pytest.raises(FileNotFoundError, match=r"STHIST_HER2ST.*no complete her2st copy.*ST-imgs"):
+        sthist.datasets.her2st(progress=False)
+
+
+def test_her2st_explicit_root_wins_over_env_variable(fake_root, tmp_path, monkeypatch):
+    root, _ = fake_root
+    _no_download(monkeypatch)
+    monkeypatch.setenv("STHIST_HER2ST", str(tmp_path / "nowhere"))  # wrong, but not read
+    adata = sthist.datasets.her2st(root, sections=["Y1"], progress=False)
+    assert list(adata.obs[C.SECTION_KEY].cat.categories) == ["Y1"]
+    # an empty variable counts as unset: the download is tried
+    monkeypatch.setenv("STHIST_HER2ST", "")
+    with pytest.raises(AssertionError, match="must not download"):
+        sthist.datasets.her2st(progress=False)
+
+
 # ------------------------------------------------------------------------------------ her2st (real data)
 needs_her2st = pytest.mark.skipif(
     not (HER2ST / "data" / "ST-cnts").is_dir(), reason=f"her2st subset not found at {HER2ST}"
 )
+
+
+@pytest.mark.realdata
+@needs_her2st
+def test_her2st_real_from_env_variable(monkeypatch):
+    _no_download(monkeypatch)
+    monkeypatch.setenv("STHIST_HER2ST", str(HER2ST))
+    adata = sthist.datasets.her2st(sections=["C3"], progress=False)
+    assert adata.n_obs == 180 and list(adata.obs[C.SECTION_KEY].cat.categories) == ["C3"]
+    assert adata.var["genes_785"].sum() > 0
+    path = Path(adata.uns["spatial"]["C3"]["metadata"][C.SOURCE_IMAGE_PATH])
+    assert path.is_relative_to(HER2ST.resolve()) or path.is_relative_to(HER2ST)
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,7 @@ class FakePooch:
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("STHIST_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("STHIST_HER2ST", raising=False)  # a local copy named there would be read instead
     FakePooch.calls = []
     return tmp_path / "data" / "her2st"
 

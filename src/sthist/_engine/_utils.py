@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
+    from tqdm.std import tqdm
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -78,11 +81,67 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def progress_bar(iterable: Any = None, *, enabled: bool = True, **kwargs: Any):
-    """Wrap ``iterable`` in a tqdm progress bar that can be switched off."""
-    from tqdm.auto import tqdm
+def _in_jupyter_kernel() -> bool:
+    """Whether this runs in a Jupyter kernel whose front end can show widgets (not qtconsole or Spyder)."""
+    ipython = sys.modules.get("IPython")  # a kernel has imported IPython already: never import it here
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # a half-initialised or stubbed IPython: no kernel to draw in
+        return False
+    if shell is None or not any(c.__name__ == "ZMQInteractiveShell" for c in type(shell).__mro__):
+        return False  # plain python, the IPython terminal, jupyter console
+    return not any(k == "QT_API" or k.startswith("SPYDER") for k in os.environ)  # as tqdm.autonotebook
 
-    return tqdm(iterable, disable=not enabled, **kwargs)
+
+def _widgets_available() -> bool:
+    """Whether ``ipywidgets`` imports and :mod:`tqdm.notebook` found its progress widget."""
+    try:
+        import ipywidgets  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    from tqdm import notebook
+
+    return notebook.IProgress is not None
+
+
+def progress_bar(iterable: Any = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm progress bar over ``iterable`` (or one driven by ``total=`` and ``.update()``) that can be switched off.
+
+    In a Jupyter kernel with :mod:`ipywidgets` installed the bar is a widget (:class:`tqdm.notebook.tqdm`);
+    everywhere else, a notebook without ipywidgets included, it is tqdm's text bar (:class:`tqdm.std.tqdm`), written
+    to stdout in a notebook (no red stderr block). Unlike :mod:`tqdm.auto` it never warns that ipywidgets is missing.
+
+    Parameters
+    ----------
+    iterable
+        What to iterate over; ``None`` for a bar updated by hand (pass ``total=``).
+    enabled
+        ``False`` gives a disabled bar that shows nothing.
+    **kwargs
+        Passed on to tqdm (``desc``, ``total``, ``unit``, ``leave``, ...).
+
+    Returns
+    -------
+    The tqdm object: iterate over it, or use it as a context manager and call ``.update(n)``.
+
+    Examples
+    --------
+    >>> for x in progress_bar(range(3), enabled=False):
+    ...     pass
+    >>> with progress_bar(total=10, enabled=False, unit="spot") as bar:
+    ...     bar.update(10)
+    """
+    in_kernel = enabled and _in_jupyter_kernel()
+    if in_kernel and _widgets_available():
+        from tqdm.notebook import tqdm as cls
+    else:
+        from tqdm.std import tqdm as cls
+
+        if in_kernel:
+            kwargs.setdefault("file", sys.stdout)
+    return cls(iterable, disable=not enabled, **kwargs)
 
 
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:

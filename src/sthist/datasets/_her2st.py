@@ -24,6 +24,8 @@ PITCH_UM = 200.0  # centre-to-centre distance of neighbouring spots on the origi
 SPOT_DIAMETER_UM = 100.0
 PANEL_FILE = "genes_785.txt"
 PANEL_KEY = "genes_785"
+#: Environment variable naming a local copy that ``her2st()`` reads when ``root`` is None (instead of downloading).
+ROOT_ENV = "STHIST_HER2ST"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg")
 _SPOT_COLUMNS = ("x", "y", "pixel_x", "pixel_y")
 
@@ -42,8 +44,10 @@ def her2st(
     tumor-associated cell type interactions", Nature Communications 12, 6012 (2021): 36 sections of
     8 patients (A-H) on the original ST platform (100 µm spots on a 200 µm pitch).
 
-    With no ``root``, the public data are downloaded once from Zenodo (https://doi.org/10.5281/zenodo.4751624,
-    about 650 MB; each archive checked against the checksum Zenodo publishes) with :mod:`pooch` into
+    With no ``root``, the folder named by the environment variable ``STHIST_HER2ST`` is read when that variable is
+    set (see ``root`` below). Otherwise the public data are downloaded once from Zenodo
+    (https://doi.org/10.5281/zenodo.4751624, about 650 MB; each archive checked against the checksum Zenodo
+    publishes) with :mod:`pooch` into
     ``$STHIST_DATA_DIR/her2st`` (default ``~/.cache/sthist/her2st``), unpacked into the layout below, and read from
     there; later calls read the cache without a connection. This needs the optional packages ``pooch`` and
     ``pyzipper`` (the archives are AES-encrypted with passwords their authors publish): ``pip install
@@ -64,8 +68,11 @@ def her2st(
     Parameters
     ----------
     root
-        Folder of the repository (holding ``data/``), or its ``data`` folder. ``None`` downloads the data into the
-        cache (or reads them from there).
+        Folder of the repository (holding ``data/``), or its ``data`` folder. ``None`` reads the folder named by the
+        environment variable ``STHIST_HER2ST`` (same layout) when it is set and not empty; that folder must exist
+        and hold ``data/ST-cnts`` (or ``ST-cnts``), else a :class:`FileNotFoundError` names the variable (nothing is
+        downloaded then). With ``root=None`` and the variable unset, the data are downloaded into the cache (or read
+        from there). An explicit ``root`` wins over the variable. The folder read is logged.
     sections
         Sections to read, e.g. ``["B4", "C2"]``. ``None`` reads every section that has a count file.
     hires_max_size
@@ -102,10 +109,13 @@ def her2st(
 
     Raises
     ------
+    FileNotFoundError
+        If ``root``, or with no ``root`` the folder named by ``STHIST_HER2ST``, lacks the layout above.
     ConnectionError
-        With no ``root``, if the data are not cached yet and Zenodo cannot be reached.
+        With no ``root`` and no ``STHIST_HER2ST``, if the data are not cached yet and Zenodo cannot be reached.
     ImportError
-        With no ``root``, if ``pooch`` or ``pyzipper`` is missing (``pip install 'sthist[download]'``).
+        With no ``root`` and no ``STHIST_HER2ST``, if ``pooch`` or ``pyzipper`` is missing
+        (``pip install 'sthist[download]'``).
     """
     import anndata as ad
     import pandas as pd
@@ -114,6 +124,8 @@ def her2st(
 
     hires_max_size = check_positive_int("hires_max_size", hires_max_size)
     if root is None:
+        root = _root_from_env()
+    if root is None:
         from ._her2st_fetch import fetch_her2st
 
         root = fetch_her2st(progress=progress)
@@ -121,11 +133,9 @@ def her2st(
     files = _section_files(data_dir, sections)
 
     start = info(f"reading {len(files)} her2st section(s) from {data_dir}")
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        progress = False
-    it = tqdm(files.items(), desc="her2st", unit="section") if progress else files.items()
+    from .._engine._utils import progress_bar
+
+    it = progress_bar(files.items(), enabled=progress, desc="her2st", unit="section")
 
     genes: dict[str, int] = {}  # union of gene names, in order of first appearance
     blocks, obs_frames, coords, spatial = [], [], [], {}
@@ -199,6 +209,33 @@ def her2st(
 
 
 # ---------------------------------------------------------------------------------------------------------
+def _root_from_env() -> Path | None:
+    """The folder named by ``$STHIST_HER2ST`` (None when unset or empty); raises if it is not a her2st copy."""
+    value = os.environ.get(ROOT_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    fix = (
+        f"Point {ROOT_ENV} at a copy of {REPO_URL} holding data/ST-cnts, data/ST-spotfiles and data/ST-imgs, "
+        f"pass `root=` explicitly, or unset {ROOT_ENV} to download the public data into the cache."
+    )
+    data = path / "data" if (path / "data").is_dir() else path
+    if not path.is_dir() or not (data / "ST-cnts").is_dir():
+        what = "is not a folder" if not path.is_dir() else "holds no data/ST-cnts folder"
+        raise FileNotFoundError(
+            f"sthist.datasets.her2st(root=None) reads the environment variable {ROOT_ENV}, which is set to "
+            f"{value!r}, but {str(path)!r} {what}. {fix}"
+        )
+    try:
+        _data_dir(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"The environment variable {ROOT_ENV}={value!r} names no complete her2st copy: {err} {fix}"
+        ) from None
+    info(f"root=None: reading the her2st copy named by ${ROOT_ENV}: {path}")
+    return path
+
+
 def _data_dir(root: str | Path) -> Path:
     """Return the folder holding ST-cnts, ST-spotfiles and ST-imgs (``root/data`` or ``root`` itself)."""
     if not isinstance(root, str | os.PathLike):

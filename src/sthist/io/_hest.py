@@ -250,10 +250,10 @@ def read_hest(
         if not isinstance(metas[sample], dict):
             raise ValueError(f"{str(path)!r} must hold a JSON object of metadata fields.")
 
-    from tqdm.auto import tqdm
+    from .._engine._utils import progress_bar
 
     parts, spatial = [], {}
-    for sample in tqdm(samples, desc="HEST", unit="sample", disable=not progress):
+    for sample in progress_bar(samples, enabled=progress, desc="HEST", unit="sample"):
         files = _layout(root, sample)
         meta = metas[sample]
         table = ad.read_h5ad(files["st"])

@@ -522,7 +522,7 @@ def _run_extraction(plans, paths, coords, S, n, n_jobs, pad_value, store_path, c
     Returns the patches (numpy, or a dask array over ``store_path``) and the border flags. A store created here is
     removed again if anything fails.
     """
-    from tqdm.auto import tqdm
+    from .._engine._utils import progress_bar
 
     border = np.zeros(n, dtype=bool)
     patches = None
@@ -535,7 +535,7 @@ def _run_extraction(plans, paths, coords, S, n, n_jobs, pad_value, store_path, c
             _store.create_patch_store(store_path, libs=libs, counts=counts, order=order, inverse=inverse, S=S)
         else:
             patches = np.empty((n, S, S, 3), dtype=np.uint8)
-        with tqdm(total=n, desc="patches", unit="spot", disable=not progress) as bar:
+        with progress_bar(total=n, enabled=progress, desc="patches", unit="spot") as bar:
             if paths is None:
                 for li, (lib, src, idx, _source_mpp, R) in enumerate(plans):
                     if len(plans) > 1:

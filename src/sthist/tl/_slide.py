@@ -64,13 +64,12 @@ def _chunk_adata(tiles: AnnData, idx: np.ndarray, lib: str) -> AnnData:
 
 def _encode_in_chunks(tiles, model, chunks, patches_of, batch_size, device, progress):
     """Features of every pseudo-spot from the model's frozen encoder, one chunk of patches in memory at a time."""
-    from tqdm.auto import tqdm
-
+    from .._engine._utils import progress_bar
     from .._engine.encoders import encode_patches
 
     encoder, features_key, feat_params = _frozen_encoder(model)
     feats = None
-    with tqdm(total=tiles.n_obs, desc="pseudo-spots", unit="spot", disable=not progress) as bar:
+    with progress_bar(total=tiles.n_obs, enabled=progress, desc="pseudo-spots", unit="spot") as bar:
         for idx in chunks:
             sub = patches_of(idx)
             f = encode_patches(encoder, sub.obsm[C.PATCHES_KEY], batch_size=batch_size, device=device, progress=False)

@@ -19,7 +19,7 @@ def _prepared_toy(seed: int):
 @pytest.fixture(scope="session")
 def prepared_toy():
     """``prepared_toy(seed)``: two toy sections (12 x 12 spots, 40 genes) with 48 px patches, ``layers['targets']``
-    and ``obsm['X_hed_texture']``; a fresh copy on every call, computed once per seed."""
+    and ``obsm['X_hed_fast']`` (the default encoder); a fresh copy on every call, computed once per seed."""
     return lambda seed=0: _prepared_toy(seed).copy()
 
 

@@ -9,7 +9,15 @@ def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["summary"]["n_spots"] > 0
+    summary = metrics["summary"]
+    assert summary["n_spots"] > 0
+    # the recommended configuration first, the two controls and one contrastive method beside it
+    assert summary["recommended"] == "dual_knn" and metrics["config"]["encoder"] == "hed-fast"
+    assert list(summary["scores_on_held_out_section"]) == ["dual_knn", "knn", "ridge_gcv", "bleep"]
+    for scores in summary["scores_on_held_out_section"].values():
+        assert -1 <= scores["pcc_all"] <= 1
+    # epochs counted from 1, as the training-history plot draws them
+    assert 1 <= summary["bleep_best_epoch"] <= summary["bleep_epochs_run"]
     for fig in metrics["figures"]:
         png = out / fig
         assert png.stat().st_size > 1000
@@ -51,14 +59,15 @@ def test_fit_predict_evaluate(tmp_path, capsys):
                 str(tmp_path / "model"),
                 "--patch-size",
                 "48",
-                "--max-epochs",
-                "5",
                 "--no-progress",
             ]
         )
         == 0
     )
     assert (tmp_path / "model" / "config.json").is_file()
+    model = st.tl.load_model(tmp_path / "model")  # the default: the recommended configuration
+    assert model.method == "dual_knn" and model.inputs.encoder == "hed-fast" and model.inputs.mpp == 1.0
+    assert model.inputs.targets["layer"] == "targets" and model.inputs.targets["scale"] == "log1p"
     assert (
         main(
             [
@@ -78,9 +87,24 @@ def test_fit_predict_evaluate(tmp_path, capsys):
     assert np.isfinite(pred.layers["predicted"]).all()
     assert "patches" not in pred.obsm
     assert pred.uns["patches"]["params"]["patch_size"] == 48  # the model's patch size was reused
-    assert main(["evaluate", str(tmp_path / "pred.h5ad"), "--out", str(tmp_path / "scores.json")]) == 0
+    # the file holds counts in X and no truth layer: the rule of score_prediction, with the command-line fix
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "pred.h5ad"), "--out", str(tmp_path / "scores.json")]) == 2
+    err = capsys.readouterr().err
+    assert "layers['targets']" in err and "--normalize model" in err and "flavor='log1p'" in err
+    argv = ["evaluate", str(tmp_path / "pred.h5ad"), "--normalize", "model", "--out", str(tmp_path / "scores.json")]
+    assert main(argv) == 0
     scores = json.loads((tmp_path / "scores.json").read_text())["scores"]
     assert -1 <= scores["all"]["pcc_all"] <= 1
+    # the same number as in Python, with the truth made by the call the error names
+    pred = ad.read_h5ad(tmp_path / "pred.h5ad")
+    st.pp.normalize_expression(pred, flavor="log1p")
+    table = st.tl.score_prediction(pred, inplace=False)
+    assert scores["all"]["pcc_all"] == pytest.approx(table.loc["all", "pcc_all"], abs=1e-9)  # JSON keeps 10 digits
+    # a truth on another scale than the model's is refused
+    assert main(["evaluate", str(tmp_path / "pred.h5ad"), "--normalize", "hist2st"]) == 2
+    assert "another scale" in capsys.readouterr().err
+
     assert (
         main(
             [
@@ -152,7 +176,20 @@ def test_fit_and_predict_options_reach_the_api(tmp_path, monkeypatch):
     adata.write_h5ad(path)
     monkeypatch.setattr(st.tl, "fit_contrastive", fake_fit)
     with pytest.raises(Stop):
-        main(["fit", str(path), "--out", str(tmp_path / "m"), "--finetune", "--num-workers", "3", "--no-progress"])
+        main(
+            [
+                "fit",
+                str(path),
+                "--out",
+                str(tmp_path / "m"),
+                "--method",
+                "bleep",
+                "--finetune",
+                "--num-workers",
+                "3",
+                "--no-progress",
+            ]
+        )
     assert seen["fit"]["finetune"] is True and seen["fit"]["num_workers"] == 3
     monkeypatch.setattr(st.tl, "predict_expression", fake_predict)
     inputs = SimpleNamespace(patch_size=None, mpp=None)
@@ -166,7 +203,20 @@ def test_fit_and_predict_options_reach_the_api(tmp_path, monkeypatch):
     assert seen["predict"]["k"] is None and seen["predict"]["weighting"] is None
 
 
+def test_fit_options_of_another_method_say_what_it_takes(tmp_path, capsys):
+    """The default method is dual_knn, which trains nothing: training options name the method and what it takes."""
+    import sthist as st
+
+    adata = st.datasets.toy(n_rows=6, n_cols=6, n_genes=10, seed=0)
+    path = tmp_path / "ref.h5ad"
+    adata.write_h5ad(path)
+    assert main(["fit", str(path), "--out", str(tmp_path / "m"), "--max-epochs", "5", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "method 'dual_knn'" in err and "does not take ['max_epochs']" in err
+
+
 def test_fit_dual_knn_uses_each_methods_default_encoder(tmp_path):
+
     import sthist as st
 
     adata = st.datasets.toy(n_rows=8, n_cols=8, n_genes=12, n_sections=2, seed=0)

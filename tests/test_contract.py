@@ -226,15 +226,13 @@ def test_methods_can_consume_token_grids(prepared_toy, token_method, tmp_path):
     st.tl.predict_expression(query, fitted, progress=False)
     assert fitted.inputs.tokens == 2 and np.isfinite(query.layers["predicted"]).all()
     with pytest.raises(ValueError, match="grid of encoder tokens"):
-        train.fit(
-            method="_test_tokens", expression=expr, genes=genes, features=ref.obsm["X_hed_texture"], progress=False
-        )
+        train.fit(method="_test_tokens", expression=expr, genes=genes, features=ref.obsm["X_hed_fast"], progress=False)
     with pytest.raises(ValueError, match="does not consume encoder tokens"):
         train.fit(
             method="bleep",
             expression=expr,
             genes=genes,
-            features=ref.obsm["X_hed_texture"],
+            features=ref.obsm["X_hed_fast"],
             tokens=np.zeros((ref.n_obs, 4, 3)),
             progress=False,
         )
@@ -250,10 +248,10 @@ def test_every_model_follows_one_contract(toy_split, tmp_path):
     for model in (bleep, ridge):
         assert isinstance(model, BaseModel)
         assert isinstance(model.inputs, ModelInputs)
-        assert model.inputs.patch_size == 48 and model.inputs.encoder == "hed-texture"
+        assert model.inputs.patch_size == 48 and model.inputs.encoder == "hed-fast"
         with pytest.raises(dataclasses.FrozenInstanceError):
             model.inputs.patch_size = 1
-        out = model.predict(features=query.obsm["X_hed_texture"])
+        out = model.predict(features=query.obsm["X_hed_fast"])
         assert isinstance(out, Prediction) and out.expression.shape == (query.n_obs, ref.n_vars)
         folder = tmp_path / model.method
         model.save(folder)
@@ -263,34 +261,34 @@ def test_every_model_follows_one_contract(toy_split, tmp_path):
         loaded = st.tl.load_model(folder)
         assert type(loaded) is type(model) and loaded.inputs == model.inputs
         np.testing.assert_allclose(
-            loaded.predict(features=query.obsm["X_hed_texture"]).expression, out.expression, rtol=1e-5, atol=1e-6
+            loaded.predict(features=query.obsm["X_hed_fast"]).expression, out.expression, rtol=1e-5, atol=1e-6
         )
-    assert bleep.predict(features=query.obsm["X_hed_texture"]).spread is not None
-    assert ridge.predict(features=query.obsm["X_hed_texture"]).spread is None
+    assert bleep.predict(features=query.obsm["X_hed_fast"]).spread is not None
+    assert ridge.predict(features=query.obsm["X_hed_fast"]).spread is None
 
 
 def test_ridge_is_a_registered_predictor(toy_split, tmp_path):
     ref, query = toy_split()
     model = st.tl.fit_ridge(ref, layer="targets", save_dir=tmp_path / "ridge", progress=False)
-    assert ref.uns["ridge"]["params"]["features_key"] == "X_hed_texture"
+    assert ref.uns["ridge"]["params"]["features_key"] == "X_hed_fast"
     assert ref.uns["ridge"]["model_dir"] == str((tmp_path / "ridge").resolve())
     st.tl.predict_expression(ref, progress=False)  # the model fit_ridge recorded
-    np.testing.assert_allclose(ref.layers["predicted"], model.predict(features=ref.obsm["X_hed_texture"]).expression)
+    np.testing.assert_allclose(ref.layers["predicted"], model.predict(features=ref.obsm["X_hed_fast"]).expression)
     # from the saved folder, on patches only (features recomputed with the recorded encoder)
-    del query.obsm["X_hed_texture"]
+    del query.obsm["X_hed_fast"]
     st.tl.predict_expression(query, str(tmp_path / "ridge"), progress=False)
     assert np.isfinite(query.layers["predicted"]).all()
     assert query.uns["predicted"]["params"]["method"] == "ridge"
     table = st.tl.methods()
     assert {"bleep", "mclstexp", "nh2st", "stgchb", "cmrcnet", "bleep_ctx", "ridge"} <= set(table.index)
-    assert table.loc["ridge", "kind"] == "baseline" and table.loc["nh2st", "prediction"] == "regression"
+    assert table.loc["ridge", "kind"] == "control" and table.loc["nh2st", "prediction"] == "regression"
 
 
 def test_predicting_on_another_patch_geometry_raises(toy_split):
     ref, query = toy_split()
     model = st.tl.fit_contrastive(ref, layer="targets", max_epochs=1, progress=False)
     st.pp.extract_patches(query, patch_size=32, library_key="section", progress=False)
-    del query.obsm["X_hed_texture"]
+    del query.obsm["X_hed_fast"]
     before = set(query.layers)
     with pytest.raises(ValueError, match=r"32 px instead of 48 px.*extract_patches\(adata, patch_size=48"):
         st.tl.predict_expression(query, model, progress=False)
@@ -302,7 +300,7 @@ def test_predict_records_the_key_and_model_it_used(toy_split, tmp_path):
     model = st.tl.fit_contrastive(ref, layer="targets", max_epochs=1, progress=False, save_dir=tmp_path / "m")
     st.tl.predict_expression(query, str(tmp_path / "m"), progress=False)
     params = query.uns["predicted"]["params"]
-    assert params["features_key"] == "X_hed_texture" and params["model_dir"] == str((tmp_path / "m").resolve())
+    assert params["features_key"] == "X_hed_fast" and params["model_dir"] == str((tmp_path / "m").resolve())
     assert params["k"] == min(50, ref.n_obs // 3) and params["method"] == model.method
 
 

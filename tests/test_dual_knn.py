@@ -84,19 +84,19 @@ def test_context_and_learnt_space_beat_raw_knn():
 
 def test_learns_on_toy_sections(toy_split):
     train, test = toy_split(0)
-    kw = {"features_key": "X_hed_texture", "layer": "targets", "library_key": "section", "progress": False}
+    kw = {"features_key": "X_hed_fast", "layer": "targets", "library_key": "section", "progress": False}
     model = st.tl.fit_dual_knn(train, **kw)
-    st.tl.predict_expression(test, model, features_key="X_hed_texture", library_key="section", progress=False)
+    st.tl.predict_expression(test, model, features_key="X_hed_fast", library_key="section", progress=False)
     truth = np.asarray(
         test.layers["targets"].toarray() if hasattr(test.layers["targets"], "toarray") else test.layers["targets"]
     )
     r = _pearson(test.layers["predicted"].astype(np.float64), truth.astype(np.float64))
     informative = test.var["informative"].to_numpy(bool)
     shuffled = train.copy()
-    shuffled.obsm["X_hed_texture"] = shuffled.obsm["X_hed_texture"][np.random.default_rng(0).permutation(train.n_obs)]
+    shuffled.obsm["X_hed_fast"] = shuffled.obsm["X_hed_fast"][np.random.default_rng(0).permutation(train.n_obs)]
     null = st.tl.fit_dual_knn(shuffled, **kw)
     st.tl.predict_expression(
-        test, null, features_key="X_hed_texture", library_key="section", key_added="null", progress=False
+        test, null, features_key="X_hed_fast", library_key="section", key_added="null", progress=False
     )
     r_null = _pearson(test.layers["null"].astype(np.float64), truth.astype(np.float64))
     assert np.nanmean(r[informative]) > np.nanmean(r_null[informative]) + 0.2
@@ -212,7 +212,11 @@ def test_ridge_gcv_regularises_small_cohorts():
 
 def test_registered_and_benchmarked(prepared_toy):
     table = st.tl.methods()
-    assert table.loc["dual_knn", "kind"] == "baseline" and bool(table.loc["dual_knn", "needs_coords"])
+    assert (
+        table.index[0] == "dual_knn"
+        and table.loc["dual_knn", "kind"] == "recommended"
+        and bool(table.loc["dual_knn", "needs_coords"])
+    )
     assert table.loc["dual_knn", "prediction"] == "retrieval" and table.loc["ridge_gcv", "prediction"] == "regression"
     data = prepared_toy(0)
     res = st.tl.benchmark(

@@ -40,15 +40,15 @@ def _assert_same(a, b):
 def test_embed_patches_default_encoder():
     adata = _adata()
     assert sthist.pp.embed_patches(adata, progress=False, device="cpu") is None
-    emb = adata.obsm["X_hed_texture"]
-    expected = encode_patches(build_image_encoder("hed-texture"), adata.obsm["patches"], progress=False, device="cpu")
+    emb = adata.obsm["X_hed_fast"]
+    expected = encode_patches(build_image_encoder("hed-fast"), adata.obsm["patches"], progress=False, device="cpu")
     assert emb.dtype == np.float32 and emb.shape == (10, expected.shape[1])
     np.testing.assert_array_equal(emb, expected)
-    assert adata.uns["X_hed_texture"]["params"] == {
-        "encoder": "hed-texture",
+    assert adata.uns["X_hed_fast"]["params"] == {
+        "encoder": "hed-fast",
         "pretrained": False,
         "checkpoint": "",
-        "weights_sha256": "",  # the hed-texture encoder has no weights
+        "weights_sha256": "",  # the hed-fast encoder has no weights
         "out_dim": expected.shape[1],
         "patches_key": "patches",
     }
@@ -61,7 +61,7 @@ def test_embed_patches_copy_and_key_added(tmp_path):
     before = adata.copy()
     out = sthist.pp.embed_patches(adata, key_added="X_mine", copy=True, progress=False, device="cpu")
     _assert_same(adata, before)  # the input is untouched
-    assert "X_mine" in out.obsm and out.uns["X_mine"]["params"]["encoder"] == "hed-texture"
+    assert "X_mine" in out.obsm and out.uns["X_mine"]["params"]["encoder"] == "hed-fast"
     inplace = adata.copy()
     sthist.pp.embed_patches(inplace, key_added="X_mine", progress=False, device="cpu")
     np.testing.assert_array_equal(inplace.obsm["X_mine"], out.obsm["X_mine"])

@@ -501,9 +501,9 @@ def _patches(n=6, size=32, seed=0):
     return img.clip(0, 255).astype(np.uint8)
 
 
-def test_hed_texture_encoder():
+def test_default_encoder_is_weight_free_hed_fast():
     enc = build_image_encoder()
-    assert isinstance(enc, ImageEncoder) and enc.spec == DEFAULT_ENCODER == "hed-texture"
+    assert isinstance(enc, ImageEncoder) and enc.spec == DEFAULT_ENCODER == "hed-fast"
     assert enc.weight_free and enc.input_size is None and enc.mean == (0.0, 0.0, 0.0)
     p = _patches()
     a = encode_patches(enc, p, progress=False, device="cpu", batch_size=4)

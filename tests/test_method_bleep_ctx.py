@@ -66,7 +66,7 @@ def test_learns_and_beats_shuffled_control(split, fitted):
 
 def test_context_changes_the_image_embedding(split, fitted):
     _, test = split
-    feats = test.obsm["X_hed_texture"]
+    feats = test.obsm["X_hed_fast"]
     xy = test.obsm["spatial"]
     a = fitted.embed_images(features=feats, coords=xy)
     shuffled = feats.copy()

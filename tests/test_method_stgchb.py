@@ -62,7 +62,7 @@ def _dense(x):
 
 
 def _features(adata):
-    return np.asarray(adata.obsm["X_hed_texture"], dtype=np.float32)
+    return np.asarray(adata.obsm["X_hed_fast"], dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

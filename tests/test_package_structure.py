@@ -187,13 +187,13 @@ def _prepared() -> AnnData:
 
 @lru_cache(maxsize=1)
 def _ridge():
-    return st.tl.fit_ridge(_prepared(), features_key="X_hed_texture", layer="targets")
+    return st.tl.fit_ridge(_prepared(), features_key="X_hed_fast", layer="targets")
 
 
 def _without_embeddings() -> AnnData:
     adata = _prepared().copy()
-    del adata.obsm["X_hed_texture"]
-    del adata.uns["X_hed_texture"]
+    del adata.obsm["X_hed_fast"]
+    del adata.uns["X_hed_fast"]
     return adata
 
 

@@ -37,6 +37,7 @@ def _section(lib: str, *, n_side: int, seed: int) -> ad.AnnData:
     adata.obs_names = [f"{lib}_{i}" for i in range(n)]
     adata.var_names = [f"G{i}" for i in range(g)]
     adata.layers["predicted"] = pred
+    adata.uns["predicted"] = {"params": {"targets": {"layer": "X", "scale": "unknown"}}}  # as predict_expression
     adata.obsm["spatial"] = np.c_[x, y]
     adata.obs["section"] = lib
     side = int((max(x.max(), y.max()) + 300) * SCALEF)
@@ -413,7 +414,9 @@ def test_predicted_vs_true_on_one_section_subset_needs_no_library_key():
 
     adata = st.datasets.toy(n_rows=6, n_cols=6, n_genes=8, n_sections=2, seed=0)
     adata.layers["predicted"] = adata.X.toarray()
+    adata.uns["predicted"] = {"params": {"targets": {"layer": "X", "scale": "counts"}}}  # as predict_expression
     sub = adata[adata.obs["section"] == "toy_1"].copy()
+
     assert len(sub.uns["spatial"]) == 2
     fig = st.pl.predicted_vs_true(sub, [sub.var_names[0]], show=False, return_fig=True)
     assert len(fig.axes) >= 2

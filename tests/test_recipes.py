@@ -173,7 +173,7 @@ def test_whole_section_stage_batches(prepared_toy):
         method="stgchb",
         expression=adata.layers["targets"],
         genes=list(adata.var_names),
-        features=adata.obsm["X_hed_texture"],
+        features=adata.obsm["X_hed_fast"],
         coords=adata.obsm["spatial"],
         groups=adata.obs["section"].to_numpy(),
         method_kwargs=SMALL["stgchb"],

@@ -55,7 +55,8 @@ def test_fit_predicts_held_out_spots():
     assert model.prediction == "regression" and model.method == "ridge"
     assert model.genes == list(adata.var_names)
     # what the model was fitted on: the encoder recorded with the features, their width
-    assert model.inputs == ModelInputs(encoder="resnet50", feature_dim=64)
+    # the expression it was fitted on is recorded too: X, whose scale no normalisation recorded
+    assert model.inputs == ModelInputs(encoder="resnet50", feature_dim=64, targets={"layer": "X", "scale": "unknown"})
     params = train.uns["ridge"]["params"]
     assert params["features_key"] == "X_enc" and params["method"] == "ridge" and params["n_components"] == 64
     assert train.uns["ridge"]["model_id"] and train.uns["ridge"]["model_dir"] == ""
@@ -152,14 +153,14 @@ def test_fit_from_patches_caches_the_features():
     adata.obsm["patches"] = rng.integers(0, 256, size=(60, 32, 32, 3), dtype=np.uint8)
     adata.uns["patches"] = {"params": {"patch_size": 32, "mpp": 0.5}}
     before = adata.copy()
-    model = fit_ridge(adata, n_components=10, progress=False, device="cpu")  # features_key=None: hed-texture
+    model = fit_ridge(adata, n_components=10, progress=False, device="cpu")  # features_key=None: hed-fast, the default
     _unchanged_inputs(adata, before)
     # added: the record and the features computed here (as `sthist.pp.embed_patches` writes them)
-    assert sorted(adata.obsm) == sorted([*before.obsm, "X_hed_texture"])
-    assert sorted(adata.uns) == sorted([*before.uns, "ridge", "X_hed_texture"])
-    assert adata.uns["ridge"]["params"]["features_key"] == "X_hed_texture"
-    assert adata.uns["X_hed_texture"]["params"]["encoder"] == "hed-texture"
-    assert model.inputs.encoder == "hed-texture" and model.inputs.feature_dim == adata.obsm["X_hed_texture"].shape[1]
+    assert sorted(adata.obsm) == sorted([*before.obsm, "X_hed_fast"])
+    assert sorted(adata.uns) == sorted([*before.uns, "ridge", "X_hed_fast"])
+    assert adata.uns["ridge"]["params"]["features_key"] == "X_hed_fast"
+    assert adata.uns["X_hed_fast"]["params"]["encoder"] == "hed-fast"
+    assert model.inputs.encoder == "hed-fast" and model.inputs.feature_dim == adata.obsm["X_hed_fast"].shape[1]
     assert (model.inputs.patch_size, model.inputs.mpp) == (32, 0.5)
     # the same model as one fitted on the cached features, and predictions from patches use the same encoder
     again = fit_ridge(adata, n_components=10, progress=False, device="cpu")
@@ -167,7 +168,7 @@ def test_fit_from_patches_caches_the_features():
     assert again.inputs == model.inputs and again is not model
     np.testing.assert_allclose(
         model.predict(images=adata.obsm["patches"], device="cpu").expression,
-        model.predict(features=adata.obsm["X_hed_texture"]).expression,
+        model.predict(features=adata.obsm["X_hed_fast"]).expression,
         rtol=1e-5,
         atol=1e-5,
     )
@@ -183,7 +184,8 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.predict(features=x).spread is None
     assert loaded.genes == model.genes
     assert loaded.alpha == model.alpha and loaded.n_components == 24
-    assert loaded.inputs == model.inputs == ModelInputs(encoder="resnet50", feature_dim=64)
+    assert loaded.inputs == model.inputs
+    assert model.inputs == ModelInputs(encoder="resnet50", feature_dim=64, targets={"layer": "X", "scale": "unknown"})
     assert loaded.settings == model.settings
     assert model.settings == {"n_components": 24, "n_components_requested": 24, "random_state": 0, "alpha_rule": "hest"}
     assert loaded.prediction == "regression" and loaded.method == "ridge"

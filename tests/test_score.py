@@ -27,6 +27,8 @@ def _make(n: int = 120, g: int = 30, *, seed: int = 0, n_nan_genes: int = 3, con
     adata.obs_names = [f"s{i}" for i in range(n)]
     adata.layers["predicted"] = pred
     adata.obs["section"] = pd.Categorical(np.where(np.arange(n) < n // 2, "A", "B"))
+    # what predict_expression records: the model was fitted on X (its scale not recorded)
+    adata.uns["predicted"] = {"params": {"targets": {"layer": "X", "scale": "unknown"}}}
     return adata
 
 
@@ -164,7 +166,7 @@ def test_inplace_false_writes_nothing_and_inplace_true_writes_the_same():
     assert out["params"]["groupby"] == "section"
     # default key follows the layer name
     adata.layers["pred2"] = adata.layers["predicted"]
-    score_prediction(adata, layer="pred2")
+    score_prediction(adata, layer="pred2", true_layer="X")
     assert "pred2_scores" in adata.uns and "pred2_scores_pearson" in adata.var.columns
 
 

@@ -221,13 +221,13 @@ def test_embeddings_from_store_identical(lazy_and_memory, tmp_path, monkeypatch)
     monkeypatch.setattr(_store, "PATCH_CHUNK", 40)
     st.pp.embed_patches(lazy, batch_size=16, key_added="in_memory", progress=False)
     st.pp.embed_patches(lazy, batch_size=16, store=tmp_path / "e.zarr", progress=False)
-    ref = mem.obsm["X_hed_texture"]
+    ref = mem.obsm["X_hed_fast"]
     assert isinstance(lazy.obsm["in_memory"], np.ndarray) and lazy.obsm["in_memory"].dtype == np.float32
     np.testing.assert_array_equal(lazy.obsm["in_memory"], ref)
-    emb = lazy.obsm["X_hed_texture"]
+    emb = lazy.obsm["X_hed_fast"]
     assert isinstance(emb, da.Array) and emb.dtype == np.float32
     np.testing.assert_array_equal(emb.compute(), ref)
-    assert lazy.uns["X_hed_texture"]["params"]["store"] == str((tmp_path / "e.zarr").absolute())
+    assert lazy.uns["X_hed_fast"]["params"]["store"] == str((tmp_path / "e.zarr").absolute())
     with pytest.raises(ValueError, match="holds the patches"):
         st.pp.embed_patches(lazy, store=tmp_path / "p.zarr", overwrite=True, progress=False)
     with pytest.raises(ValueError, match="overwrite=True"):
@@ -256,9 +256,9 @@ def test_fit_predict_from_stored_features_identical(lazy_and_memory, tmp_path):
     for adata in (mem, lazy):
         ref, query = adata[train].copy(), adata[~train].copy()
         model = st.tl.fit_contrastive(
-            ref, layer="targets", features_key="X_hed_texture", max_epochs=3, random_state=0, progress=False
+            ref, layer="targets", features_key="X_hed_fast", max_epochs=3, random_state=0, progress=False
         )
-        st.tl.predict_expression(query, model, features_key="X_hed_texture", progress=False)
+        st.tl.predict_expression(query, model, features_key="X_hed_fast", progress=False)
         preds.append(query.layers["predicted"])
     assert np.isfinite(preds[0]).all()
     np.testing.assert_array_equal(preds[1], preds[0])
@@ -269,7 +269,7 @@ def test_fit_from_lazy_patches_encodes_chunkwise(lazy_and_memory):
     lazy, mem = lazy_and_memory
     st.pp.embed_patches(mem, progress=False)
     st.tl.fit_contrastive(lazy, layer="targets", max_epochs=2, progress=False)
-    np.testing.assert_array_equal(lazy.obsm["X_hed_texture"], mem.obsm["X_hed_texture"])
+    np.testing.assert_array_equal(lazy.obsm["X_hed_fast"], mem.obsm["X_hed_fast"])
 
 
 def test_ridge_and_cv_with_stored_features(lazy_and_memory, tmp_path):
@@ -277,14 +277,12 @@ def test_ridge_and_cv_with_stored_features(lazy_and_memory, tmp_path):
     st.pp.embed_patches(mem, progress=False)
     st.pp.embed_patches(lazy, store=tmp_path / "e.zarr", progress=False)
     pred = [
-        st.tl.fit_ridge(a, features_key="X_hed_texture", layer="targets")
-        .predict(features=a.obsm["X_hed_texture"])
-        .expression
+        st.tl.fit_ridge(a, features_key="X_hed_fast", layer="targets").predict(features=a.obsm["X_hed_fast"]).expression
         for a in (mem, lazy)
     ]
     np.testing.assert_array_equal(pred[1], pred[0])
     tables = [
-        st.tl.cross_validate(a, groupby="section", method="ridge", features_key="X_hed_texture", layer="targets")
+        st.tl.cross_validate(a, groupby="section", method="ridge", features_key="X_hed_fast", layer="targets")
         for a in (mem, lazy)
     ]
     np.testing.assert_array_equal(lazy.layers["cv_predicted"], mem.layers["cv_predicted"])
@@ -302,14 +300,14 @@ def test_h5ad_round_trip_with_dask_obsm(lazy_and_memory, tmp_path):
     lazy.write_h5ad(tmp_path / "cohort.h5ad")
     back = ad.read_h5ad(tmp_path / "cohort.h5ad")
     np.testing.assert_array_equal(back.obsm["patches"], mem.obsm["patches"])
-    np.testing.assert_array_equal(back.obsm["X_hed_texture"], np.asarray(lazy.obsm["X_hed_texture"]))
+    np.testing.assert_array_equal(back.obsm["X_hed_fast"], np.asarray(lazy.obsm["X_hed_fast"]))
     assert back.uns["patches"]["params"]["store"] == str((tmp_path / "p.zarr").absolute())
     # the stores can be reattached lazily after reading, through the public reader
     reopened = st.pp.read_store(back.uns["patches"]["params"]["store"])
     assert is_dask(reopened)
     np.testing.assert_array_equal(reopened.compute(), mem.obsm["patches"])
-    emb = st.pp.read_store(back.uns["X_hed_texture"]["params"]["store"])
-    np.testing.assert_array_equal(emb.compute(), np.asarray(lazy.obsm["X_hed_texture"]))
+    emb = st.pp.read_store(back.uns["X_hed_fast"]["params"]["store"])
+    np.testing.assert_array_equal(emb.compute(), np.asarray(lazy.obsm["X_hed_fast"]))
 
 
 def is_dask(x):
@@ -384,8 +382,8 @@ def test_chunked_cosine_topk_matches_brute_force():
 def test_predict_expression_chunk_size_does_not_change_results(lazy_and_memory, tmp_path):
     lazy, _ = lazy_and_memory
     st.pp.embed_patches(lazy, store=tmp_path / "e.zarr", progress=False)
-    model = st.tl.fit_contrastive(lazy, layer="targets", features_key="X_hed_texture", max_epochs=2, progress=False)
+    model = st.tl.fit_contrastive(lazy, layer="targets", features_key="X_hed_fast", max_epochs=2, progress=False)
     a, b = lazy.copy(), lazy.copy()
-    st.tl.predict_expression(a, model, features_key="X_hed_texture", chunk_size=5, progress=False)
-    st.tl.predict_expression(b, model, features_key="X_hed_texture", progress=False)
+    st.tl.predict_expression(a, model, features_key="X_hed_fast", chunk_size=5, progress=False)
+    st.tl.predict_expression(b, model, features_key="X_hed_fast", progress=False)
     np.testing.assert_array_equal(a.layers["predicted"], b.layers["predicted"])

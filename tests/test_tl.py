@@ -110,7 +110,7 @@ def test_predict_from_patches_equals_cached_features(fitted):
     adata, model = fitted
     a1, a2 = adata.copy(), adata.copy()
     st.tl.predict_expression(a1, model, progress=False)
-    del a2.obsm["X_hed_texture"]
+    del a2.obsm["X_hed_fast"]
     st.tl.predict_expression(a2, model, progress=False)
     np.testing.assert_allclose(a1.layers["predicted"], a2.layers["predicted"], rtol=1e-4, atol=1e-5)
 
@@ -142,7 +142,7 @@ def test_copy_equals_inplace(fitted):
 @pytest.mark.parametrize(
     ("mutate", "kwargs", "exc", "match"),
     [
-        (lambda a: (a.obsm.pop("patches"), a.obsm.pop("X_hed_texture")), {}, KeyError, "extract_patches"),
+        (lambda a: (a.obsm.pop("patches"), a.obsm.pop("X_hed_fast")), {}, KeyError, "extract_patches"),
         (lambda a: None, {"layer": "nope"}, KeyError, "normalize_expression"),
         (lambda a: None, {"batch_size": 10_000}, ValueError, "larger than the"),
         (lambda a: a.layers["targets"].__setitem__((0, 0), np.nan), {}, ValueError, "NaN"),
@@ -176,10 +176,10 @@ def test_predict_bad_model_folder(prepared, tmp_path):
 
 def test_ridge_through_predict_expression(prepared):
     adata = prepared.copy()
-    model = st.tl.fit_ridge(adata, features_key="X_hed_texture", layer="targets")
+    model = st.tl.fit_ridge(adata, features_key="X_hed_fast", layer="targets")
     st.tl.predict_expression(adata, model, key_added="ridge")
     assert np.isfinite(adata.layers["ridge"]).all()
-    del adata.obsm["X_hed_texture"]  # recomputed from the patches with the recorded encoder
+    del adata.obsm["X_hed_fast"]  # recomputed from the patches with the recorded encoder
     st.tl.predict_expression(adata, model, key_added="ridge2")
     np.testing.assert_allclose(adata.layers["ridge"], adata.layers["ridge2"], rtol=1e-4, atol=1e-4)
 

@@ -137,8 +137,8 @@ def test_visium_hd_bins_aggregated_and_predicted_into_a_layer():
     )
     sthist.pp.normalize_expression(coarse)
     sthist.pp.embed_patches(coarse, progress=False)
-    model = sthist.tl.fit_ridge(coarse, layer="targets", features_key="X_hed_texture", progress=False)
-    sthist.tl.predict_expression(coarse, model, features_key="X_hed_texture", progress=False)
+    model = sthist.tl.fit_ridge(coarse, layer="targets", features_key="X_hed_fast", progress=False)
+    sthist.tl.predict_expression(coarse, model, features_key="X_hed_fast", progress=False)
     assert coarse.layers["predicted"].shape == coarse.shape  # one prediction per coarse bin and gene
     assert np.isfinite(coarse.layers["predicted"]).all()
 

@@ -207,13 +207,13 @@ def test_bad_input(slide, tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_models():
-    """A BLEEP model and a ridge probe fitted on toy data with frozen hed-texture features (48 px, 1 µm/px)."""
+    """A BLEEP model and a ridge probe fitted on toy data with frozen hed-fast features (48 px, 1 µm/px)."""
     adata = st.datasets.toy(n_rows=8, n_cols=8, n_genes=20, seed=0)
     st.pp.extract_patches(adata, patch_size=48, mpp=1.0, progress=False)
     st.pp.normalize_expression(adata)
     st.pp.embed_patches(adata, progress=False)
     bleep = st.tl.fit_contrastive(adata, layer="targets", max_epochs=3, progress=False, device="cpu")
-    ridge = st.tl.fit_ridge(adata, features_key="X_hed_texture", layer="targets")
+    ridge = st.tl.fit_ridge(adata, features_key="X_hed_fast", layer="targets")
     return SimpleNamespace(bleep=bleep, ridge=ridge)
 
 
@@ -236,18 +236,18 @@ def test_predict_slide_chunked_equals_whole(slide, toy_models, tmp_path):
     # the patches were cut at the model's geometry: 48 px at 1 µm/px, i.e. 96 slide pixels resized
     params = pred.uns["predicted"]["params"]
     assert params["patch_size"] == 48 and params["patch_mpp"] == 1.0 and params["chunk_size"] == 10_000
-    assert pred.uns["X_hed_texture"]["params"]["patch_size"] == 48
+    assert pred.uns["X_hed_fast"]["params"]["patch_size"] == 48
     # chunks change only how many patches are in memory at once, not the result (float32 batches of other sizes)
-    np.testing.assert_allclose(chunked.obsm["X_hed_texture"], pred.obsm["X_hed_texture"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(chunked.obsm["X_hed_fast"], pred.obsm["X_hed_fast"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(chunked.X, pred.X, rtol=1e-5, atol=1e-6)
     # the features are those of extract_patches + embed_patches on the pseudo-spots
     st.pp.extract_patches(tiles, patch_size=48, mpp=1.0, progress=False)
     st.pp.embed_patches(tiles, progress=False)
-    np.testing.assert_allclose(pred.obsm["X_hed_texture"], tiles.obsm["X_hed_texture"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred.obsm["X_hed_fast"], tiles.obsm["X_hed_fast"], rtol=1e-5, atol=1e-6)
     # a ridge probe predicts from the same features
     ridge = st.tl.predict_slide(slide.path, toy_models.ridge, chunk_size=5, **SLIDE_KW)
     np.testing.assert_allclose(
-        ridge.X, toy_models.ridge.predict(features=pred.obsm["X_hed_texture"]).expression, rtol=1e-4, atol=1e-5
+        ridge.X, toy_models.ridge.predict(features=pred.obsm["X_hed_fast"]).expression, rtol=1e-4, atol=1e-5
     )
     import anndata as ad
 

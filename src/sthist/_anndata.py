@@ -134,6 +134,178 @@ def get_matrix(
     return mat, adata.var_names[mask].tolist()
 
 
+# ---- the scale of expression: what a model is fitted on and what it is scored against ---------------------------
+class CountsWarning(UserWarning):
+    """A model is being fitted on raw counts (non-negative integers) instead of normalised expression."""
+
+
+#: Scale labels that say nothing about the values (no comparison is made with them).
+UNKNOWN_SCALE = "unknown"
+COUNTS_SCALE = "counts"
+#: ``obs`` values sampled when checking whether a matrix holds counts.
+_COUNT_SAMPLE = 1_000_000
+
+
+def is_count_like(mat: Any) -> bool:
+    """Whether a (dense or sparse) matrix holds counts: non-negative integers, not all zero (a sample is checked)."""
+    from scipy import sparse
+
+    values = mat.data if sparse.issparse(mat) else np.asarray(mat).ravel()
+    if values.size > _COUNT_SAMPLE:
+        values = values[np.linspace(0, values.size - 1, _COUNT_SAMPLE).astype(np.int64)]
+    values = np.asarray(values)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.number):
+        return False
+    if not np.isfinite(values).all() or (values < 0).any() or not (values > 0).any():
+        return False
+    return bool(np.array_equal(values, np.round(values)))
+
+
+def _library_label(genes: Any) -> str:
+    """``'all'``, or the number of library genes and a short hash of their sorted names (to compare two scales)."""
+    import hashlib
+
+    if isinstance(genes, str):
+        return genes
+    names = sorted(str(g) for g in np.asarray(genes).ravel())
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    return f"{len(names)} genes ({digest})"
+
+
+def expression_scale(adata: AnnData, layer: str | None, mat: Any = None) -> dict[str, Any]:
+    """The record of the scale of ``X`` (``layer=None``) or ``layers[layer]``: what a model is fitted on.
+
+    ``{'layer': 'X' | name, 'scale': ...}`` where ``scale`` is the ``flavor`` that
+    :func:`sthist.pp.normalize_expression` recorded for the layer (with its ``target_sum``, the library genes and,
+    when given by name, ``library_genes_source``), ``'scanpy log1p'`` for an ``X`` that :func:`scanpy.pp.log1p`
+    marked, ``'counts'`` for non-negative integers, else ``'unknown'``. ``mat`` is the matrix when already read.
+    """
+    name = "X" if layer is None else str(layer)
+    params = uns_params(adata, layer) if layer is not None else {}
+    if "flavor" in params and "log_base" in params:  # written by normalize_expression
+        record: dict[str, Any] = {"layer": name, "scale": str(params["flavor"])}
+        if params["flavor"] != "none":
+            record["target_sum"] = float(params.get("target_sum", 1e4))
+            record["library_genes"] = _library_label(params.get("genes", "all"))
+            if params.get("genes_source"):
+                record["library_genes_source"] = str(params["genes_source"])
+        return record
+    if layer is None and isinstance(adata.uns.get("log1p"), dict):
+        base = adata.uns["log1p"].get("base")
+        return {"layer": name, "scale": "scanpy log1p", "log_base": "e" if base in (None, "") else str(base)}
+    if mat is None:
+        mat = adata.X if layer is None else adata.layers.get(layer)
+    if mat is not None and is_count_like(mat):
+        return {"layer": name, "scale": COUNTS_SCALE}
+    return {"layer": name, "scale": UNKNOWN_SCALE}
+
+
+def _scale_key(record: dict[str, Any]) -> tuple:
+    return tuple(record.get(k) for k in ("scale", "target_sum", "library_genes", "log_base"))
+
+
+def describe_scale(record: dict[str, Any]) -> str:
+    """``record`` in words, e.g. ``"layers['targets'] (normalize_expression flavor='hist2st', ...)"``."""
+    where = "adata.X" if record.get("layer") == "X" else f"layers[{record.get('layer')!r}]"
+    scale = record.get("scale", UNKNOWN_SCALE)
+    if scale in (COUNTS_SCALE, UNKNOWN_SCALE):
+        return f"{where} ({'raw counts' if scale == COUNTS_SCALE else 'scale not recorded'})"
+    if scale == "scanpy log1p":
+        return f"{where} (scanpy's log1p, base {record.get('log_base', 'e')})"
+    extra = "" if scale == "none" else f", target_sum={record.get('target_sum', 1e4):g}, library genes: "
+    if scale != "none":
+        extra += str(record.get("library_genes_source") or record.get("library_genes", "all"))
+    return f"{where} (normalize_expression flavor={scale!r}{extra})"
+
+
+def normalize_call(record: dict[str, Any], target: str = "adata") -> str:
+    """The :func:`sthist.pp.normalize_expression` call that writes a layer on the scale of ``record``."""
+    scale = record.get("scale")
+    args = [target, f"flavor={scale!r}"]
+    genes = record.get("library_genes_source") or record.get("library_genes")
+    if scale not in ("none",) and genes not in (None, "all"):
+        args.append(f"genes={genes!r}" if record.get("library_genes_source") else "genes=<the model's library genes>")
+    if scale not in ("none",) and record.get("target_sum") not in (None, 1e4):
+        args.append(f"target_sum={record['target_sum']:g}")
+    if record.get("layer") not in (None, "X", "targets"):
+        args.append(f"key_added={record['layer']!r}")
+    return f"sthist.pp.normalize_expression({', '.join(args)})"
+
+
+def fit_expression(
+    adata: AnnData, *, layer: str | None, genes: Any, fn: str, nonnegative: bool = True, what: str = "target"
+) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """:func:`get_matrix` for a fit, with the record of its scale; raw counts warn (:class:`CountsWarning`)."""
+    import warnings
+
+    mat, names = get_matrix(adata, layer=layer, genes=genes, nonnegative=nonnegative, what=what)
+    record = expression_scale(adata, layer, mat)
+    if record["scale"] == COUNTS_SCALE:
+        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        warnings.warn(
+            f"{fn}: {where} holds raw counts (non-negative integers): the model will predict counts, on the scale of "
+            "the training data's sequencing depth, and be scored against counts. Normalise first, e.g. "
+            "`sthist.pp.normalize_expression(adata, flavor='log1p')` (or flavor='hist2st'), and fit with "
+            "layer='targets'.",
+            CountsWarning,
+            stacklevel=3,
+        )
+    return mat, names, record
+
+
+def resolve_truth(
+    adata: AnnData, *, layer: str, true_layer: str | None, fn: str
+) -> tuple[Any, str | None, dict[str, Any] | None]:
+    """The measured expression a prediction ``layer`` is scored against, checked to be on the model's scale.
+
+    ``true_layer=None`` takes the layer the prediction's model was fitted on (``uns[layer]['params']['targets']``,
+    written by :func:`sthist.tl.predict_expression` and :func:`sthist.tl.cross_validate`); ``'X'`` names
+    ``adata.X``. A truth on another recorded scale than the model's (another normalisation, or raw counts against
+    normalised predictions) raises. Returns the matrix as stored, the layer name (``None`` for ``X``) and the
+    model's record (``None`` when the prediction records none).
+    """
+    entry = adata.uns.get(layer) if isinstance(layer, str) else None
+    params = entry.get("params", {}) if isinstance(entry, dict) else {}
+    model_rec = params.get("targets") if isinstance(params, dict) else None
+    model_rec = dict(model_rec) if isinstance(model_rec, dict) and model_rec.get("layer") else None
+    if true_layer is None:
+        if model_rec is None:
+            raise ValueError(
+                f"{fn}: adata.uns[{layer!r}] does not record which expression the model behind layers[{layer!r}] was "
+                "fitted on, so the truth to score against is not known. Pass true_layer= naming the layer on the "
+                "prediction's scale (true_layer='X' for adata.X), e.g. true_layer='targets'."
+            )
+        true_layer = model_rec["layer"]
+        if true_layer != "X" and true_layer not in adata.layers:
+            how = (
+                f"make it with `{normalize_call(model_rec)}` (the normalisation the model was fitted with)"
+                if model_rec.get("scale") not in (COUNTS_SCALE, UNKNOWN_SCALE, "scanpy log1p")
+                else "add it"
+            )
+            raise KeyError(
+                f"{fn}: the model behind layers[{layer!r}] was fitted on {describe_scale(model_rec)}, which this "
+                f"AnnData lacks: {how}, or pass true_layer= naming a layer on that scale. Available layers: "
+                f"{list(adata.layers.keys())}."
+            )
+    name = None if true_layer == "X" and "X" not in adata.layers else true_layer
+    mat = layer_matrix(adata, name, fn=fn, what="true expression")
+    if model_rec is not None:
+        truth_rec = expression_scale(adata, name, mat)
+        known = UNKNOWN_SCALE not in (truth_rec["scale"], model_rec.get("scale", UNKNOWN_SCALE))
+        if known and _scale_key(truth_rec) != _scale_key(model_rec):
+            fix = (
+                f"`{normalize_call(model_rec)}` and score with that layer"
+                if model_rec.get("scale") not in (COUNTS_SCALE, "scanpy log1p")
+                else "a layer on the model's scale"
+            )
+            raise ValueError(
+                f"{fn}: the truth {describe_scale(truth_rec)} is on another scale than the prediction "
+                f"layers[{layer!r}], whose model was fitted on {describe_scale(model_rec)}: the scores would compare "
+                f"numbers on different scales. Use {fix}, or pass true_layer= naming a layer on the model's scale."
+            )
+    return mat, name, model_rec
+
+
 # ---- libraries and coordinates -----------------------------------------------------------------------------------
 def resolve_libraries(adata: AnnData, *, library_key: str | None = None, purpose: str = "") -> np.ndarray | None:
     """The section label of every spot, or ``None`` when the spots come from one section.

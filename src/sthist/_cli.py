@@ -31,21 +31,36 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mpp(text: str) -> float | None:
+    """``--mpp``: a positive number of µm per pixel, or ``native`` (the image's own resolution)."""
+    if text.strip().lower() == "native":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected µm per pixel (e.g. 1.0) or 'native', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"µm per pixel must be positive, got {text!r}")
+    return value
+
+
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fit",
-        help="fit a contrastive model (or the ridge baseline) on an .h5ad file",
+        help="fit a model (by default sthist's recommended dual_knn) on an .h5ad file",
         description=(
-            "Fit a model on reference spots: extracts patches if the file has none, normalises the counts in X "
-            "unless --layer names a prepared layer, and saves the model folder."
+            "Fit a model on reference spots: extracts patches if the file has none (by default 224 px at 1 µm/px, "
+            "the recommended geometry), normalises the counts in X unless --layer names a prepared layer, and saves "
+            "the model folder. The default is the recommended configuration: dual_knn on hed-fast features."
         ),
     )
     p.add_argument("input", type=Path, help="reference .h5ad (Visium convention, counts in X)")
     p.add_argument("--out", type=Path, required=True, help="folder to save the model to")
     p.add_argument(
         "--method",
-        default="bleep",
-        help="a method of `sthist.tl.methods()`, e.g. bleep, nh2st or ridge (default: bleep)",
+        default="dual_knn",
+        help="a method of `sthist.tl.methods()`, e.g. dual_knn, knn, ridge_gcv, bleep or nh2st "
+        "(default: dual_knn, the recommended configuration)",
     )
     p.add_argument("--layer", default=None, help="layer with the training targets (default: normalise X)")
     p.add_argument(
@@ -55,11 +70,17 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--encoder",
         default=None,
-        help="image encoder (default: the method's own, weight-free: hed-texture, or hed-fast for dual_knn)",
+        help="image encoder (default: hed-fast, weight-free)",
     )
     p.add_argument("--checkpoint", default=None, help="local weight file for the encoder")
     p.add_argument("--patch-size", type=int, default=224, help="patch size in pixels, if patches must be extracted")
-    p.add_argument("--mpp", type=float, default=None, help="resample patches to this many microns per pixel")
+    p.add_argument(
+        "--mpp",
+        type=_mpp,
+        default=1.0,
+        help="resample patches to this many microns per pixel (default: 1.0; 'native': the image's own)",
+    )
+
     p.add_argument("--library-key", default=None, help="obs column with the section of each spot")
     p.add_argument("--finetune", action="store_true", help="train the image encoder end to end (a timm --encoder)")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers reading patches when fine-tuning")
@@ -232,19 +253,29 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="score predicted against measured expression",
-        description="Per-gene Pearson r, HEG/HVG means, MSE/MAE and gene-gene correlation preservation.",
+        description=(
+            "Per-gene Pearson r, HEG/HVG means, MSE/MAE and gene-gene correlation preservation. The truth is, as in "
+            "`sthist.tl.score_prediction`, the expression the model was fitted on (its layer and normalisation are "
+            "recorded with the prediction); when the file lacks that layer, pass --normalize model to make it from "
+            "the counts in X with the model's normalisation, or --true-layer."
+        ),
     )
     p.add_argument("input", type=Path, help=".h5ad with a prediction layer and the measured expression")
     p.add_argument("--layer", default="predicted", help="prediction layer (default: predicted)")
     p.add_argument(
-        "--true-layer", default=None, help="layer of measured expression (default: normalise X as --normalize)"
+        "--true-layer",
+        default=None,
+        help="layer of measured expression, X for X (default: the layer the model was fitted on)",
     )
     p.add_argument(
         "--normalize",
-        default="log1p",
-        choices=["log1p", "hist2st"],
-        help="normalisation of X when --true-layer is not given",
+        default=None,
+        choices=["model", "log1p", "hist2st"],
+        help="first normalise the counts in X into the truth layer: 'model' with the normalisation the model "
+        "recorded (flavour, target sum and library genes), or the flavour named; a flavour other than the "
+        "model's is refused when scoring",
     )
+
     p.add_argument("--groupby", default=None, help="obs column to score per group, e.g. section")
     p.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
     p.set_defaults(func=_run_evaluate)
@@ -257,10 +288,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     adata = ad.read_h5ad(args.input)
     true_layer = args.true_layer
-    if true_layer is None:
-        st.pp.normalize_expression(adata, flavor=args.normalize, key_added="_truth")
-        true_layer = "_truth"
-    table = st.tl.score_prediction(adata, layer=args.layer, true_layer=true_layer, groupby=args.groupby, inplace=False)
+    if args.normalize is not None:
+        true_layer = _normalize_truth(adata, args.layer, args.normalize, true_layer)
+    try:
+        table = st.tl.score_prediction(
+            adata, layer=args.layer, true_layer=true_layer, groupby=args.groupby, inplace=False
+        )
+    except KeyError as err:  # the truth layer is missing: say how to make it on the command line too
+        msg = err.args[0] if err.args else str(err)
+        if "which this AnnData lacks" in msg:
+            raise KeyError(f"{msg} On the command line: `sthist evaluate {args.input} --normalize model`.") from None
+        raise
     print(table.to_string())
     if args.out is not None:
         args.out.write_text(json.dumps({"scores": json.loads(table.to_json(orient="index"))}, indent=2))
@@ -268,29 +306,74 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _normalize_truth(adata, layer: str, flavor: str, true_layer: str | None) -> str:
+    """Normalise the counts in X into the truth layer (``flavor='model'``: the normalisation the model recorded)."""
+    import sthist as st
+
+    params = adata.uns.get(layer, {}).get("params", {}) if isinstance(adata.uns.get(layer), dict) else {}
+    record = params.get("targets") if isinstance(params, dict) else None
+    record = dict(record) if isinstance(record, dict) else {}
+    options: dict = {}
+    if flavor == "model":
+        flavor = record.get("scale")
+        if flavor not in ("log1p", "hist2st", "none"):
+            raise ValueError(
+                f"--normalize model: adata.uns[{layer!r}] does not record a normalize_expression flavour for the "
+                f"model's targets ({record.get('scale', 'nothing recorded')!r}); name one (--normalize log1p or "
+                "hist2st) or pass --true-layer."
+            )
+        if flavor != "none":
+            options["target_sum"] = float(record.get("target_sum", 1e4))
+            library = record.get("library_genes_source") or record.get("library_genes")
+            if library not in (None, "all"):
+                if not record.get("library_genes_source"):
+                    raise ValueError(
+                        "--normalize model: the model's library genes were given as a list, which the prediction does "
+                        "not record by name; normalise the truth in Python (`sthist.pp.normalize_expression`) and "
+                        "pass --true-layer."
+                    )
+                options["genes"] = library
+    key = true_layer or (record.get("layer") if record.get("layer") not in (None, "X") else "targets")
+    st.pp.normalize_expression(adata, flavor=flavor, key_added=key, **options)
+    return key
+
+
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+
     p = sub.add_parser(
         "benchmark",
         help="compare methods and baselines over held-out groups and seeds, with paired statistics",
         description=(
             "Hold out each group of --groupby (or those in --folds), fit every method and baseline once per seed "
             "on the others, score the held-out spots with gene sets chosen on the training groups, and compare "
-            "every method with the reference gene by gene (bootstrap intervals). Writes table.csv/json, "
-            "summary.csv/json, comparison.csv/json and benchmark.png to --out."
+            "every method with the reference gene by gene (bootstrap intervals). Baselines: ridge_gcv (the HEST "
+            "linear probe with a GCV penalty), knn (raw-feature kNN, no training), dual_knn (sthist's recommended "
+            "predictor); ridge (HEST's nearly unpenalised probe, which flatters every method) runs only when asked "
+            "for. Writes table.csv/json, summary.csv/json, comparison.csv/json, per_gene.csv, gene_sets.json, "
+            "benchmark.json and benchmark.png to --out; `sthist.tl.BenchmarkResult.load(out)` reads the result back."
         ),
     )
     p.add_argument("input", type=Path, help=".h5ad with counts in X (or --layer), coordinates and sections")
     p.add_argument("--out", type=Path, required=True, help="folder for the tables and the figure")
     p.add_argument("--methods", default="all", help="comma-separated methods of `sthist.tl.methods()`, or all")
-    p.add_argument("--baselines", default="ridge,knn", help="comma-separated baselines (default: ridge,knn)")
-    p.add_argument("--reference", default="ridge", help="method every other is compared with (default: ridge)")
+    p.add_argument(
+        "--baselines",
+        default="ridge_gcv,knn,dual_knn",
+        help="comma-separated baselines among ridge, ridge_gcv, knn, dual_knn (default: ridge_gcv,knn,dual_knn)",
+    )
+    p.add_argument(
+        "--reference",
+        default="knn",
+        help="method every other is compared with, one of --methods or --baselines (default: knn)",
+    )
     p.add_argument("--groupby", default="patient", help="obs column whose groups are held out (default: patient)")
     p.add_argument("--folds", default=None, help="comma-separated groups to hold out (default: every group)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
     p.add_argument("--layer", default=None, help="layer with the targets (default: normalise X as --normalize)")
     p.add_argument("--normalize", default="log1p", choices=["log1p", "hist2st"], help="normalisation of X")
     p.add_argument("--genes", default=None, help="text file with one gene per line, or a boolean var column")
-    p.add_argument("--encoder", default="hed-texture", help="frozen image encoder (default: hed-texture)")
+    p.add_argument("--encoder", default="hed-fast", help="frozen image encoder (default: hed-fast)")
+
     p.add_argument("--patch-size", type=int, default=224, help="patch size in pixels, if patches must be extracted")
     p.add_argument("--mpp", type=float, default=None, help="resample patches to this many microns per pixel")
     p.add_argument("--library-key", default=None, help="obs column with the section of each spot")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+#: The image encoder every function uses unless told otherwise: the weight-free ``hed-fast`` descriptor of the
+#: recommended configuration (``dual_knn`` on 224 px patches at 1 µm/px). It needs no download and runs fast on a CPU.
+DEFAULT_ENCODER = "hed-fast"
+
 # Visium convention (scanpy / squidpy)
 SPATIAL_KEY = "spatial"  # obsm: full-resolution pixel (x = column, y = row); uns: per-library images/scalefactors
 SCALEFACTORS = "scalefactors"
@@ -80,6 +84,13 @@ class Key:
     def modelled(key: str) -> str:
         """``adata.var`` column flagging the genes a model covers in the prediction ``key``."""
         return f"{key}{MODELLED_SUFFIX}"
+
+    @staticmethod
+    def interval(key: str, side: str) -> str:
+        """``adata.layers`` key of the ``'lower'`` or ``'upper'`` bound of the prediction intervals of ``key``."""
+        if side not in ("lower", "upper"):
+            raise ValueError(f"Key.interval: side={side!r} is not valid; choose 'lower' or 'upper'.")
+        return f"{key}_{side}"
 
     @staticmethod
     def spread(key: str) -> str:

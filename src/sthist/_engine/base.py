@@ -76,6 +76,11 @@ class ModelInputs:
         Prediction needs spatial neighbours (coordinates and sections).
     tokens
         Side of the grid of encoder tokens the model consumes (``None``: one pooled vector per patch).
+    targets
+        The expression the model was fitted on and its scale, ``{'layer': 'X' | name, 'scale': ...}`` (the
+        normalisation :func:`sthist.pp.normalize_expression` recorded, ``'counts'`` or ``'unknown'``; see
+        ``sthist._anndata.expression_scale``); :func:`sthist.tl.score_prediction` scores against that layer by
+        default. ``None`` for a model fitted on arrays without a record.
     """
 
     encoder: str
@@ -89,6 +94,7 @@ class ModelInputs:
     needs_coords: bool = False
     needs_neighbors: bool = False
     tokens: int | None = None
+    targets: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly fields."""

@@ -306,6 +306,7 @@ def _prepare(
     method_kwargs: dict[str, Any] | None = None,
     num_workers: int | None = None,
     compile: bool = False,
+    targets: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> _Run:
     method_cls = get_method(method)
@@ -452,6 +453,7 @@ def _prepare(
         needs_coords=bool(method_cls.needs_neighbors),
         needs_neighbors=bool(method_cls.needs_neighbors),
         tokens=grid or None,
+        targets=None if targets is None else dict(targets),
     )
 
     extra = {"token_dim": tokens_dim if finetune else int(tokens.shape[2])} if grid else {}
@@ -707,6 +709,8 @@ def fit(**kwargs: Any) -> ContrastiveModel:
         the next batches while the GPU trains. ``None``: 0 off CUDA, else ``min(8, CPUs per GPU process - 1)``.
     compile
         Fine-tuning: wrap the image encoder in :func:`torch.compile`.
+    targets
+        The record of the expression's scale (``{'layer': ..., 'scale': ...}``), kept in the model's inputs.
 
     Returns
     -------

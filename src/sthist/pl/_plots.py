@@ -10,6 +10,7 @@ import numpy as np
 from scipy import sparse
 
 from .. import _constants as C
+from .._anndata import resolve_truth
 from .._constants import Key
 from .._docs import inject_docs
 from .._validate import check_adata, check_positive_int, resolve_library
@@ -246,7 +247,8 @@ def predicted_vs_true(
     layer
         Layer holding the prediction.
     true_layer
-        Layer holding the measured expression; ``None`` uses ``adata.X``. Use the scale of the prediction.
+        Layer holding the measured expression; ``'X'`` for ``adata.X``. ``None``: the layer the prediction's model
+        was fitted on, as :func:`sthist.tl.score_prediction` takes it (the same rule and the same errors).
     scores_key
         ``key_added`` of :func:`sthist.tl.score_prediction`; defaults to the value of ``layer`` followed by
         ``'_scores'``. Its per-gene r (``adata.var[scores_key + '_pearson']``) goes into the titles.
@@ -280,7 +282,7 @@ def predicted_vs_true(
     if unknown:
         raise KeyError(f"{fn}: gene(s) {unknown[:10]} are not in adata.var_names.")
     pred = _layer(adata, layer, "predicted", fn)
-    true = _layer(adata, true_layer, "true", fn)
+    true = resolve_truth(adata, layer=layer, true_layer=true_layer, fn=fn)[0]
     if img_key is None and spot_size is not None and not adata.uns.get(C.SPATIAL_KEY) and library_key is None:
         lib, mask, img, scalef, diameter = None, np.ones(adata.n_obs, dtype=bool), None, 1.0, float(spot_size)
     else:

@@ -16,7 +16,7 @@ from ._store import ENCODE_BLOCK, check_store, create_embedding_store, open_embe
 if TYPE_CHECKING:
     from anndata import AnnData
 
-DEFAULT_ENCODER = "hed-texture"  # kept equal to sthist._engine.encoders.DEFAULT_ENCODER (not imported: no torch here)
+DEFAULT_ENCODER = C.DEFAULT_ENCODER
 
 
 def _patch_geometry(adata: AnnData, patches_key: str) -> dict:
@@ -55,8 +55,7 @@ def encode(
     (n, d) float32 array-like (e.g. a zarr array), receives the embeddings block by block; by default a numpy array
     is allocated.
     """
-    from tqdm.auto import tqdm
-
+    from .._engine._utils import progress_bar
     from .._engine.data import iter_row_blocks
     from .._engine.encoders import build_image_encoder, encode_patches
 
@@ -64,7 +63,7 @@ def encode(
     n = int(patches.shape[0])
     out = np.empty((n, int(enc.out_dim)), dtype=np.float32) if out is None else out(int(enc.out_dim))
     rows = block_rows(batch_size)
-    with tqdm(total=n, desc=f"encoding ({encoder})", unit="spot", disable=not progress, leave=False) as bar:
+    with progress_bar(total=n, enabled=progress, desc=f"encoding ({encoder})", unit="spot", leave=False) as bar:
         for s, block in iter_row_blocks(patches, rows):
             out[s : s + block.shape[0]] = encode_patches(
                 enc, np.ascontiguousarray(block), batch_size=batch_size, device=device, progress=False
@@ -115,11 +114,12 @@ def embed_patches(
     ----------
     {adata}
     encoder
-        ``"hed-texture"`` (default): a weight-free, deterministic descriptor of stain densities, texture and
-        nucleus density that needs no download and runs fast on a CPU. ``"hed-texture-ctx"``: the same descriptor
-        of the whole patch and of its central half, side by side (extract a wider field, e.g. 224 px at 1 µm/px, so
-        that the centre is the spot and the rest its surrounding tissue). ``"hed-fast"``: the ``"hed-texture"``
-        descriptor of a 56 px antialiased thumbnail of each patch, several times faster on 224 px patches. Or a
+        ``"hed-fast"`` (default, the encoder of the recommended configuration): the ``"hed-texture"`` descriptor
+        of a 56 px antialiased thumbnail of each patch, several times faster on 224 px patches. ``"hed-texture"``:
+        a weight-free, deterministic descriptor of stain densities, texture and nucleus density at up to 128 px
+        that needs no download and runs fast on a CPU. ``"hed-texture-ctx"``: the same descriptor of the whole
+        patch and of its central half, side by side (extract a wider field, e.g. 224 px at 1 µm/px, so that the
+        centre is the spot and the rest its surrounding tissue). Or a
         timm model name (``"resnet50"``, ``"vit_small_patch16_224"``, ...), or ``"hf-hub:<org>/<name>"`` for
         models on the Hugging Face hub such as UNI (``"hf-hub:MahmoodLab/uni"``; gated: accept the licence and
         log in first).

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _constants as C
-from .._anndata import get_matrix, get_patches, image_features, record, uns_params
+from .._anndata import CountsWarning, fit_expression, get_patches, image_features, record, uns_params
+from .._constants import DEFAULT_ENCODER
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_positive_int
-from ._fit import DEFAULT_ENCODER
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,6 +46,8 @@ class Folds:
     normalisation: str
     library_key: str
     n_top: int
+    targets: dict[str, Any] | None = None
+    """The layer and scale of the expression every fold is fitted on and scored against (the user's)."""
     held_out_spots: dict[str, int] = field(default_factory=dict)
     gene_sets: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     """Per fold, the HEG / HVG / gene-gene genes chosen on its training groups (the same for every method and seed)."""
@@ -120,7 +122,9 @@ def prepare_folds(
     if library_key not in adata.obs:
         raise KeyError(f"library_key={library_key!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
     n_top = check_positive_int("n_top", n_top)
-    expr, gene_names = get_matrix(adata, layer=layer, genes=genes, nonnegative=nonnegative)
+    expr, gene_names, targets = fit_expression(
+        adata, layer=layer, genes=genes, fn="sthist.tl.cross_validate / benchmark", nonnegative=nonnegative
+    )
     fit_kwargs = dict(fit_kwargs or {})
     finetune = bool(fit_kwargs.get("finetune", False))
     auto: dict[str, Any] = {}  # what every fold's fit gets besides the caller's fit_kwargs
@@ -174,6 +178,7 @@ def prepare_folds(
         normalisation=normalisation,
         library_key=library_key,
         n_top=n_top,
+        targets=targets,
         held_out_spots=counts,
         gene_sets=gene_sets,
     )
@@ -254,7 +259,9 @@ def run_folds(
         t0 = time.perf_counter()
         test = labels == fold
         train_ad, test_ad = work[~test].copy(), work[test].copy()
-        model = fit_predictor(train_ad, method, **kwargs)
+        with warnings.catch_warnings():  # prepare_folds warned once about raw counts; not again for every fold
+            warnings.simplefilter("ignore", CountsWarning)
+            model = fit_predictor(train_ad, method, **kwargs)
         predict_expression(
             test_ad,
             model,
@@ -270,7 +277,7 @@ def run_folds(
         score_prediction(
             test_ad,
             layer="oof",
-            true_layer=None,
+            true_layer=None,  # what the fold's model was fitted on: the fold's expression (its X)
             groupby="_library",
             gene_sets=prep.gene_sets[fold],
             n_top=prep.n_top,
@@ -439,6 +446,7 @@ def cross_validate(
                 "random_state": random_state,
                 "n_top": prep.n_top,
                 "gene_sets": "top n_top HEG / HVG chosen on the training groups of each fold",
+                "targets": prep.targets,
             },
             "scores": {c: table[c].to_numpy() for c in table.columns if table[c].dtype.kind in "fiub"}
             | {c: table[c].astype(str).tolist() for c in table.columns if table[c].dtype.kind not in "fiub"},

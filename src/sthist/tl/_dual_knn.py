@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import _constants as C
 from .. import _logging as logg
-from .._anndata import get_matrix, record, spatial_inputs
+from .._anndata import fit_expression, record, spatial_inputs
 from .._docs import inject_docs
 from .._validate import check_adata, check_positive_int
-from ._ridge import _seed, frozen_inputs
+from ._frozen import frozen_inputs, seed_of
 from ._utils import model_record
 
 if TYPE_CHECKING:
@@ -22,8 +21,6 @@ if TYPE_CHECKING:
     from .._engine.dual_knn import DualKNNModel
 
 DUAL_KNN_KEY = "dual_knn"
-RECOMMENDED_ENCODER = "hed-fast"
-"""The encoder of the recommended configuration (``hed-fast``, with 224 px patches at 1 µm/px)."""
 
 
 @inject_docs
@@ -33,7 +30,7 @@ def fit_dual_knn(
     features_key: str | None = None,
     layer: str | None = None,
     genes: Sequence[str] | str | None = None,
-    encoder: str = RECOMMENDED_ENCODER,
+    encoder: str = C.DEFAULT_ENCODER,
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
     patches_key: str = "patches",
@@ -69,7 +66,7 @@ def fit_dual_knn(
         It needs patches (:func:`sthist.pp.extract_patches`) or embeddings (:func:`sthist.pp.embed_patches`), and
         spot centres in ``obsm[spatial_key]``.
     {frozen_features}
-        The default encoder here is the recommended ``'hed-fast'`` (other fits default to ``'hed-texture'``).
+        The default encoder is ``'hed-fast'``, the recommended configuration's (and every fit's default).
     {layer}
     {genes}
     spatial_key
@@ -118,11 +115,12 @@ def fit_dual_knn(
     counts = {"k": k, "n_neighbors": n_neighbors, "n_components": n_components}
     counts["n_expression_components"] = n_expression_components
     counts = {name: check_positive_int(name, value) for name, value in counts.items()}
-    seed = _seed(random_state)
+    seed = seed_of(random_state)
     spaces = check_spaces(spaces)
     coords, groups = spatial_inputs(
         adata, spatial_key=spatial_key, library_key=library_key, needs_space=True, method="dual_knn"
     )
+    y, gene_names, targets = fit_expression(adata, layer=layer, genes=genes, fn=fn, nonnegative=False)
     feats, inputs = frozen_inputs(
         adata,
         features_key=features_key,
@@ -132,9 +130,10 @@ def fit_dual_knn(
         patches_key=patches_key,
         device=device,
         progress=progress,
+        targets=targets,
+        needs_coords=True,
+        needs_neighbors=True,
     )
-    inputs = dataclasses.replace(inputs, needs_coords=True, needs_neighbors=True)
-    y, gene_names = get_matrix(adata, layer=layer, genes=genes, nonnegative=False, what="target")
     start = logg.info(
         f"dual_knn bank of {adata.n_obs} spots on obsm[{feats.key!r}] with {counts['n_neighbors']} spatial "
         f"neighbours (k = {counts['k']} in each space)"

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .. import _constants as C
-from .._anndata import get_matrix, get_patches, image_features, patch_geometry, record, spatial_inputs
+from .._anndata import fit_expression, get_patches, image_features, patch_geometry, record, spatial_inputs
+from .._constants import DEFAULT_ENCODER
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
     from .._engine.model import ContrastiveModel
     from .._engine.plan import TrainPlan
 
-DEFAULT_ENCODER = "hed-texture"
 METHODS_DOC = (
     "see :func:`sthist.tl.methods`: the published recipes ``'bleep'``, ``'mclstexp'``, ``'nh2st'``, ``'stgchb'``, "
     "``'cmrcnet'``; sthist's variants ``'bleep_es'``, ``'mclstexp_section'``, ``'nh2st_ctx'``, ``'stgchb_joint'``, "
@@ -83,7 +83,8 @@ def fit_contrastive(
         :func:`sthist.pp.embed_patches` cached for ``encoder`` if present, else compute them from the patches and
         cache them in ``adata.obsm['X_<encoder>']``.
     encoder
-        Image encoder. ``'hed-texture'`` (default) is weight-free, needs no download and is fast on a CPU. Any
+        Image encoder. ``'hed-fast'`` (default, the recommended configuration's) and ``'hed-texture'`` are
+        weight-free, need no download and are fast on a CPU. Any
         timm model name (``'resnet50'``, ``'vit_small_patch16_224'``), ``'hf-hub:<org>/<name>'`` for pathology
         foundation models (UNI, H-optimus, Virchow; gated, need a login), or a timm name with ``checkpoint=``.
     pretrained
@@ -159,7 +160,8 @@ def fit_contrastive(
     >>> st.pp.normalize_expression(adata)
     >>> model = st.tl.fit_contrastive(adata, layer="targets")  # doctest: +SKIP
     """
-    check_adata(adata, fn="sthist.tl.fit_contrastive")
+    fn = "sthist.tl.fit_contrastive"
+    check_adata(adata, fn=fn)
     from .._engine import train as engine
     from .._engine.methods import get_method
     from .._engine.plan import NO_EARLY_STOPPING, resolve_plan
@@ -179,7 +181,7 @@ def fit_contrastive(
         "augment": augment,
     }
     resolve_plan(method_cls.recipe, plan, **overrides)  # invalid settings raise before any work
-    expr, gene_names = get_matrix(adata, layer=layer, genes=genes)
+    expr, gene_names, targets = fit_expression(adata, layer=layer, genes=genes, fn=fn)
     needs_space = bool(method_cls.needs_neighbors or method_cls.needs_coords)
     coords, groups = spatial_inputs(
         adata, spatial_key=spatial_key, library_key=library_key, needs_space=needs_space, method=method
@@ -225,6 +227,7 @@ def fit_contrastive(
         method_kwargs=method_kwargs,
         num_workers=num_workers,
         compile=compile,
+        targets=targets,
         **overrides,
     )
     img_emb = model.embed_images(**image_kw, coords=coords, groups=groups, device=device)

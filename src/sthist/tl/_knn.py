@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import _logging as logg
-from .._anndata import get_matrix, record
+from .._anndata import fit_expression, record
+from .._constants import DEFAULT_ENCODER
 from .._docs import inject_docs
 from .._validate import check_adata, check_positive_int
-from ._fit import DEFAULT_ENCODER
-from ._ridge import frozen_inputs
+from ._frozen import frozen_inputs
 from ._utils import model_record
 
 if TYPE_CHECKING:
@@ -69,8 +69,10 @@ def fit_knn(
     """
     from .._engine.knn import fit_knn as engine_fit
 
-    check_adata(adata, fn="sthist.tl.fit_knn")
+    fn = "sthist.tl.fit_knn"
+    check_adata(adata, fn=fn)
     k = check_positive_int("k", k)
+    y, gene_names, targets = fit_expression(adata, layer=layer, genes=genes, fn=fn, nonnegative=False)
     feats, inputs = frozen_inputs(
         adata,
         features_key=features_key,
@@ -80,8 +82,8 @@ def fit_knn(
         patches_key=patches_key,
         device=device,
         progress=progress,
+        targets=targets,
     )
-    y, gene_names = get_matrix(adata, layer=layer, genes=genes, nonnegative=False, what="target")
     start = logg.info(f"kNN bank of {adata.n_obs} spots on obsm[{feats.key!r}] (k = {k})")
     model = engine_fit(feats.values, y, gene_names, inputs=inputs, k=k)
     if save_dir is not None:

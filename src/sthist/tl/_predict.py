@@ -123,7 +123,9 @@ def predict_expression(
     ``adata.obs['predicted_spread']``
         spread of the retrieved neighbours' expression (retrieval models): an uncertainty per spot.
     ``adata.uns['predicted']['params']``
-        the settings used (e.g. retrieval ``k`` after capping), the model's description and where it came from.
+        the settings used (e.g. retrieval ``k`` after capping), the model's description and where it came from,
+        and ``targets``: the layer and scale of the expression the model was fitted on, which
+        :func:`sthist.tl.score_prediction` and :func:`sthist.pl.predicted_vs_true` take as the truth by default.
 
     When ``adata`` has no genes at all (a new slide), ``copy=True`` returns a new AnnData whose genes are the
     model's and whose ``X`` and ``layers[key_added]`` both hold the predictions, ready for scanpy and squidpy;
@@ -201,6 +203,8 @@ def predict_expression(
         "patches_key": patches_key if used_key is None else None,
         "features_key": used_key,
         "model_dir": str(Path(model_arg).resolve()) if isinstance(model_arg, str | Path) else None,
+        # the expression the model was fitted on: the truth `score_prediction` compares with by default
+        "targets": model.inputs.targets,
     }
     import pandas as pd
 

@@ -35,8 +35,11 @@ class Predictor:
         return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+#: The recommended predictor (kind ``"recommended"``): what a method has to beat to be worth its cost.
+RECOMMENDED = "dual_knn"
+
 #: Predictors without contrastive training (name -> (description, fit function)): the controls every method must
-#: beat, and ``dual_knn``, sthist's recommended predictor on small cohorts.
+#: beat (kind ``"control"``), and ``dual_knn``, sthist's recommended predictor (kind ``"recommended"``).
 BASELINES: dict[str, tuple[str, Callable[..., Any]]] = {
     "ridge": ("HEST-Benchmark linear probe: standardise, PCA(256), ridge on frozen encoder features", fit_ridge),
     "ridge_gcv": (
@@ -48,8 +51,8 @@ BASELINES: dict[str, tuple[str, Callable[..., Any]]] = {
         fit_knn,
     ),
     "dual_knn": (
-        "Neighbour-context retrieval in two spaces: the raw context features and their ridge map onto the "
-        "expression's principal components (sthist's recommended predictor)",
+        "sthist's recommended predictor: neighbour-context retrieval in two spaces (the raw context features and "
+        "their ridge map onto the expression's principal components), fitted in a second on a CPU",
         fit_dual_knn,
     ),
 }
@@ -61,16 +64,21 @@ _SPATIAL_BASELINES = ("dual_knn",)
 
 
 def predictors() -> dict[str, Predictor]:
-    """Every registered predictor by name: the engine's contrastive methods, then the baselines."""
+    """Every registered predictor by name: the recommended one, the controls, then the contrastive methods."""
     from .. import tl
     from .._engine.methods import METHODS
 
-    # the public function, looked up now, is what fits every contrastive method
     out = {
-        name: Predictor(name, "contrastive", cls.description, functools.partial(tl.fit_contrastive, method=name))
-        for name, cls in METHODS.items()
+        name: Predictor(name, "recommended" if name == RECOMMENDED else "control", desc, fn)
+        for name, (desc, fn) in sorted(BASELINES.items(), key=lambda item: item[0] != RECOMMENDED)
     }
-    out.update({name: Predictor(name, "baseline", desc, fn) for name, (desc, fn) in BASELINES.items()})
+    # the public function, looked up now, is what fits every contrastive method
+    out.update(
+        {
+            name: Predictor(name, "contrastive", cls.description, functools.partial(tl.fit_contrastive, method=name))
+            for name, cls in METHODS.items()
+        }
+    )
     return out
 
 
@@ -101,12 +109,13 @@ def fit_predictor(adata: AnnData, method: str, **kwargs: Any) -> BaseModel:
 
 
 def methods() -> pd.DataFrame:
-    """The registered methods and baselines, one row each.
+    """The registered predictors, one row each: the recommended one, the controls and the contrastive methods.
 
     Returns
     -------
-    A :class:`~pandas.DataFrame` indexed by ``name`` with columns ``kind`` (``'contrastive'`` or ``'baseline'``),
-    ``description``, ``prediction`` (``'retrieval'`` or ``'regression'``), ``needs_coords`` and, for contrastive
+    A :class:`~pandas.DataFrame` indexed by ``name`` (the recommended predictor first) with columns ``kind``
+    (``'recommended'``: ``dual_knn``; ``'control'``: the predictors without training every method must beat,
+    ``'ridge'``, ``'ridge_gcv'`` and ``'knn'``; ``'contrastive'``: the contrastive methods), ``description``, ``prediction`` (``'retrieval'`` or ``'regression'``), ``needs_coords`` and, for contrastive
     methods, their published training recipe (``optimizer``, ``lr``, ``batch_size``, ``epochs``, ``select_on``)
     and retrieval defaults (``k``, ``weighting``). Pass a name as ``method=`` to :func:`sthist.tl.fit_contrastive`,
     :func:`sthist.tl.cross_validate` or the command line.

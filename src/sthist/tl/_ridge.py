@@ -4,73 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import _logging as logg
-from .._anndata import get_matrix, image_features, patch_geometry, record
+from .._anndata import fit_expression, record
+from .._constants import DEFAULT_ENCODER
 from .._docs import inject_docs
 from .._validate import check_adata, check_positive_int
-from ._fit import DEFAULT_ENCODER
+from ._frozen import frozen_inputs, seed_of
 from ._utils import model_record
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from .._anndata import Features
-    from .._engine.base import ModelInputs
     from .._engine.ridge import RidgeModel
 
 RIDGE_KEY = "ridge"
-
-
-def _seed(random_state: Any) -> int | None:
-    if random_state is None:
-        return None
-    if isinstance(random_state, np.random.Generator):
-        return int(random_state.integers(2**31 - 1))
-    if isinstance(random_state, bool) or not isinstance(random_state, int | np.integer):
-        raise TypeError(f"random_state must be an int, a numpy Generator or None, got {type(random_state).__name__}.")
-    return int(random_state)
-
-
-def frozen_inputs(
-    adata: AnnData,
-    *,
-    features_key: str | None,
-    encoder: str,
-    pretrained: bool,
-    checkpoint: str | Path | None,
-    patches_key: str,
-    device: str | None,
-    progress: bool,
-) -> tuple[Features, ModelInputs]:
-    """Features of a frozen encoder (given by ``features_key``, cached, or computed) and the inputs they record."""
-    from .._engine.base import ModelInputs
-
-    feats = image_features(
-        adata,
-        encoder="" if features_key is not None else encoder,
-        pretrained=pretrained,
-        checkpoint=checkpoint,
-        patches_key=patches_key,
-        features_key=features_key,
-        device=device,
-        progress=progress,
-    )
-    p = feats.params
-    size, mpp = patch_geometry(adata, patches_key if feats.computed else feats.key)
-    inputs = ModelInputs(
-        encoder=str(p.get("encoder") or ""),
-        pretrained=bool(p.get("pretrained")),
-        checkpoint=p.get("checkpoint") or None,
-        weights_sha256=p.get("weights_sha256") or None,
-        feature_dim=int(feats.values.shape[1]),
-        patch_size=size,
-        mpp=mpp,
-    )
-    return feats, inputs
 
 
 @inject_docs
@@ -142,7 +93,8 @@ def fit_ridge(
     fn = "sthist.tl.fit_ridge"
     check_adata(adata, fn=fn)
     n_components = check_positive_int("n_components", n_components)
-    seed = _seed(random_state)
+    seed = seed_of(random_state)
+    y, gene_names, targets = fit_expression(adata, layer=layer, genes=genes, fn=fn, nonnegative=False)
     feats, inputs = frozen_inputs(
         adata,
         features_key=features_key,
@@ -152,8 +104,8 @@ def fit_ridge(
         patches_key=patches_key,
         device=device,
         progress=progress,
+        targets=targets,
     )
-    y, gene_names = get_matrix(adata, layer=layer, genes=genes, nonnegative=False, what="target")
     n, d = feats.values.shape
     k = min(n_components, n, d)
     if k < n_components:

@@ -12,7 +12,7 @@ from scipy import sparse
 
 from .. import _constants as C
 from .. import _logging as logg
-from .._anndata import layer_matrix, to_uns
+from .._anndata import layer_matrix, resolve_truth, to_uns
 from .._constants import Key
 from .._docs import inject_docs
 from .._validate import check_adata, check_positive_int, resolve_genes
@@ -190,10 +190,16 @@ def score_prediction(
 ) -> pd.DataFrame | None:
     r"""Score a predicted expression layer against the measured expression.
 
-    The measured and the predicted expression must be on the **same scale**: both log-normalised, or both the
-    targets the model was trained on (e.g. ``true_layer='targets'`` written by
-    :func:`sthist.pp.normalize_expression`, whose scale :func:`sthist.tl.predict_expression` reproduces).
-    Pearson r is invariant to a per-gene shift and scale, MSE and MAE are not.
+    The truth (one rule, the same on the command line)
+        By default the prediction is scored against the expression its model was **fitted on**: the layer and
+        normalisation that :func:`sthist.tl.predict_expression` (or :func:`sthist.tl.cross_validate`) recorded in
+        ``adata.uns[layer]['params']['targets']``, e.g. ``layers['targets']`` written by
+        :func:`sthist.pp.normalize_expression` with ``flavor='hist2st'``. When this AnnData lacks that layer, the
+        error gives the :func:`~sthist.pp.normalize_expression` call that makes it. A truth on another recorded
+        scale than the model's (another ``flavor``, ``target_sum`` or library genes, or raw counts against
+        normalised predictions) raises instead of giving a number on another scale: Pearson r is invariant to a
+        per-gene shift and scale, but not to another library size per spot, and MSE and MAE are invariant to
+        neither.
 
     Which genes and spots are evaluated
         A gene is *modelled* when its predicted column has at least one finite value; genes whose prediction is
@@ -230,7 +236,8 @@ def score_prediction(
     layer
         Layer holding the prediction, shape ``(n_obs, n_vars)``, NaN where a gene was not modelled.
     true_layer
-        Layer holding the measured expression; ``None`` uses ``adata.X``. Dense or sparse.
+        Layer holding the measured expression, dense or sparse; ``'X'`` for ``adata.X``. ``None``: the layer the
+        prediction's model was fitted on (see above); a prediction that does not record it needs ``true_layer``.
     {genes}
     groupby
         Column of ``adata.obs`` (e.g. ``'section'``) to score each group separately as well.
@@ -269,7 +276,8 @@ def score_prediction(
     key_added = Key.scores(layer) if key_added is None else str(key_added)
     hint = " Run `sthist.tl.predict_expression(adata, model=...)` first." if layer == C.PREDICTED_KEY else ""
     pred = layer_matrix(adata, layer, fn=fn, what="predicted expression", hint=hint)
-    true = layer_matrix(adata, true_layer, fn=fn, what="true expression")
+    true, true_layer, _ = resolve_truth(adata, layer=layer, true_layer=true_layer, fn=fn)
+
     if tuple(pred.shape) != tuple(adata.shape) or tuple(true.shape) != tuple(adata.shape):
         raise ValueError(
             f"{fn}: shape mismatch: predicted {tuple(pred.shape)}, true {tuple(true.shape)}, adata {adata.shape}; "

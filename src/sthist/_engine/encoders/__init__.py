@@ -2,16 +2,16 @@
 
 Three kinds of encoder are built from one ``spec`` string by :func:`build_image_encoder`:
 
-``"hed-texture"`` (the default, :data:`DEFAULT_ENCODER`)
+``"hed-texture"``
     A fixed, deterministic descriptor that needs no weights and no download: colour deconvolution into
     haematoxylin / eosin / DAB optical densities (Ruifrok & Johnston 2001), their distribution (mean, spread,
     quantiles, centre vs whole patch), multi-scale gradient and Laplacian energy, local contrast, nucleus-density
     proxies (haematoxylin-rich area, counts of haematoxylin blobs at two scales), colour and background
     fraction. It is fast on a CPU and the natural choice for frozen-mode training without internet.
-``"hed-texture-ctx"`` and ``"hed-fast"``
+``"hed-texture-ctx"`` and ``"hed-fast"`` (the default, :data:`DEFAULT_ENCODER`)
     Variants of it, also weight-free: the descriptor of the whole patch and of its central half side by side
     (136 values), and the descriptor of a 56 px antialiased thumbnail of the patch (68 values, several times
-    faster on 224 px patches).
+    faster on 224 px patches; the encoder of sthist's recommended configuration).
 a timm model name (``"resnet18"``, ``"resnet50"``, ``"vit_small_patch16_224"``, ...)
     ``pretrained=True`` downloads ImageNet weights through timm; ``pretrained=False`` gives a random
     initialisation that is deterministic (seed 0), so the same spec always gives the same network.
@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..._constants import DEFAULT_ENCODER
 from .._utils import autocast, check_int, progress_bar, resolve_device
 from .checkpoints import _CHECKPOINT_SUFFIXES, _load_state_dict_file, _match_state_dict, file_sha256
 from .hed import HED_CONTEXT_SPEC, HED_FAST_SPEC, HED_SPEC, HEDFast, HEDTexture, HEDTextureContext
@@ -96,11 +97,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-DEFAULT_ENCODER = HED_SPEC
-"""The weight-free default encoder: works offline, fast on a CPU, deterministic."""
-
-WEIGHT_FREE_ENCODERS = (DEFAULT_ENCODER, HED_CONTEXT_SPEC, HED_FAST_SPEC)
-_WEIGHT_FREE = {DEFAULT_ENCODER: HEDTexture, HED_CONTEXT_SPEC: HEDTextureContext, HED_FAST_SPEC: HEDFast}
+WEIGHT_FREE_ENCODERS = (HED_SPEC, HED_CONTEXT_SPEC, HED_FAST_SPEC)
+_WEIGHT_FREE = {HED_SPEC: HEDTexture, HED_CONTEXT_SPEC: HEDTextureContext, HED_FAST_SPEC: HEDFast}
 
 
 def encoder_key(spec: str) -> str:

@@ -58,7 +58,7 @@ def test_tutorials_are_linked_into_the_docs_and_listed():
 def test_every_public_function_is_in_the_api_reference():
     api = (DOCS / "api.md").read_text()
     listed = set(re.findall(r"^\s+(\w+\.\w+)\s*$", api, flags=re.M))
-    for module in ("pp", "tl", "pl", "datasets", "io"):
+    for module in ("pp", "tl", "pl", "get", "datasets", "io"):
         for name in getattr(sthist, module).__all__:
             assert f"{module}.{name}" in listed, f"sthist.{module}.{name} is missing from docs/api.md"
 

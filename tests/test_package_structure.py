@@ -33,7 +33,7 @@ from scipy import sparse
 
 import sthist as st
 
-SUBPACKAGES = ("pp", "tl", "pl", "io", "datasets")
+SUBPACKAGES = ("pp", "tl", "pl", "get", "io", "datasets")
 READERS = ("io", "datasets")
 
 # functions of pp/tl that make a new AnnData from a source instead of taking one: name of their first parameter

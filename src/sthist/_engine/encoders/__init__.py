@@ -405,7 +405,7 @@ def _encode_blocks(
     bar = None
     try:
         out = None if tail is None else np.empty((n, *tail(encoder)), dtype=np.float32)
-        bar = progress_bar(total=n, enabled=progress, desc=f"{desc} ({encoder.spec})", leave=False)
+        bar = progress_bar(total=n, enabled=progress, desc=f"{desc} ({encoder.spec})", unit="spot", leave=False)
         with torch.inference_mode(), autocast(dev):
             for start, rows in iter_row_blocks(patches, batch_size):
                 if hed is not None:

@@ -290,20 +290,25 @@ def resolve_truth(
     name = None if true_layer == "X" and "X" not in adata.layers else true_layer
     mat = layer_matrix(adata, name, fn=fn, what="true expression")
     if model_rec is not None:
-        truth_rec = expression_scale(adata, name, mat)
-        known = UNKNOWN_SCALE not in (truth_rec["scale"], model_rec.get("scale", UNKNOWN_SCALE))
-        if known and _scale_key(truth_rec) != _scale_key(model_rec):
-            fix = (
-                f"`{normalize_call(model_rec)}` and score with that layer"
-                if model_rec.get("scale") not in (COUNTS_SCALE, "scanpy log1p")
-                else "a layer on the model's scale"
-            )
-            raise ValueError(
-                f"{fn}: the truth {describe_scale(truth_rec)} is on another scale than the prediction "
-                f"layers[{layer!r}], whose model was fitted on {describe_scale(model_rec)}: the scores would compare "
-                f"numbers on different scales. Use {fix}, or pass true_layer= naming a layer on the model's scale."
-            )
+        check_scale(adata, name, mat, model_rec, fn=fn, what=f"the prediction layers[{layer!r}]")
     return mat, name, model_rec
+
+
+def check_scale(adata: AnnData, layer: str | None, mat: Any, model_rec: dict[str, Any], *, fn: str, what: str) -> None:
+    """Raise when ``X`` / ``layers[layer]`` is on another recorded scale than the model's record ``model_rec``."""
+    truth_rec = expression_scale(adata, layer, mat)
+    known = UNKNOWN_SCALE not in (truth_rec["scale"], model_rec.get("scale", UNKNOWN_SCALE))
+    if known and _scale_key(truth_rec) != _scale_key(model_rec):
+        fix = (
+            f"`{normalize_call(model_rec)}` and use that layer"
+            if model_rec.get("scale") not in (COUNTS_SCALE, "scanpy log1p")
+            else "a layer on the model's scale"
+        )
+        raise ValueError(
+            f"{fn}: the truth {describe_scale(truth_rec)} is on another scale than {what}, whose model was fitted on "
+            f"{describe_scale(model_rec)}: the numbers would compare different scales. Use {fix}, or pass a layer on "
+            "the model's scale."
+        )
 
 
 # ---- libraries and coordinates -----------------------------------------------------------------------------------

@@ -71,6 +71,16 @@ class Key:
         return f"{key}{PEARSON_SUFFIX}"
 
     @staticmethod
+    def coverage(key: str) -> str:
+        """``adata.var`` column of the per-gene coverage of the intervals, written under the scores key ``key``."""
+        return f"{key}_coverage"
+
+    @staticmethod
+    def width(key: str) -> str:
+        """``adata.var`` column of the per-gene mean width of the intervals, written under the scores key ``key``."""
+        return f"{key}_width"
+
+    @staticmethod
     def gene_corr(which: str) -> str:
         """Entry of ``adata.uns[<scores key>]`` holding a gene-gene correlation matrix or its genes.
 
@@ -91,6 +101,38 @@ class Key:
         if side not in ("lower", "upper"):
             raise ValueError(f"Key.interval: side={side!r} is not valid; choose 'lower' or 'upper'.")
         return f"{key}_{side}"
+
+    @staticmethod
+    def interval_scale(key: str) -> str:
+        """``adata.varm`` key of the per-gene half-width of the intervals of ``key`` at each calibrated level."""
+        return f"{key}_interval_scale"
+
+    @staticmethod
+    def cv_r(key: str, bound: str | None = None) -> str:
+        """``adata.var`` column of the cross-validated r of the genes of ``key`` (``bound``: ``'low'`` / ``'high'``)."""
+        if bound not in (None, "low", "high"):
+            raise ValueError(f"Key.cv_r: bound={bound!r} is not valid; choose None, 'low' or 'high'.")
+        return f"{key}_cv_r" if bound is None else f"{key}_cv_r_{bound}"
+
+    @staticmethod
+    def reliable(key: str) -> str:
+        """``adata.var`` column flagging the genes of ``key`` whose cross-validated r is reliably above ``min_r``."""
+        return f"{key}_reliable"
+
+    @staticmethod
+    def train_range(key: str) -> str:
+        """``adata.var`` column of the 5-95 % range of every gene over the training spots of the model of ``key``."""
+        return f"{key}_train_range"
+
+    @staticmethod
+    def shift(key: str) -> str:
+        """``adata.obs`` column of how unlike the calibration tissue each spot of ``key`` is (1 - its p-value)."""
+        return f"{key}_shift"
+
+    @staticmethod
+    def ood(key: str) -> str:
+        """``adata.obs`` column flagging the spots of ``key`` unlike the calibration tissue."""
+        return f"{key}_ood"
 
     @staticmethod
     def spread(key: str) -> str:

@@ -275,7 +275,8 @@ def retrieve(
     progress: bool = False,
     index: Literal["exact", "faiss-ivf"] = "exact",
     n_probe: int = 32,
-) -> tuple[np.ndarray, np.ndarray]:
+    gene_spread: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Predict profiles of the queries from the k nearest bank entries.
 
     Parameters
@@ -305,10 +306,13 @@ def retrieve(
         ``"exact"`` (default) or ``"faiss-ivf"`` (approximate, needs faiss; see the module docstring).
     n_probe
         Inverted lists visited per query with ``index="faiss-ivf"`` (more: slower, closer to exact).
+    gene_spread
+        Also return the weighted standard deviation of every gene over the k profiles (n, g).
 
     Returns
     -------
-    prediction (n, g) float32 and spread (n,) float32 (mean over genes of the weighted std of the k profiles).
+    prediction (n, g) float32 and spread (n,) float32 (mean over genes of the weighted std of the k profiles), and
+    with ``gene_spread`` that std per gene (n, g) float32.
     """
     query, keys, k, chunk_size = _check_common(query, keys, k, similarity, chunk_size)
     values = _as_float32("bank expression", values)
@@ -324,6 +328,7 @@ def retrieve(
     n, g = query.shape[0], values.shape[1]
     pred = np.empty((n, g), dtype=np.float32)
     spread = np.empty(n, dtype=np.float32)
+    per_gene = np.empty((n, g), dtype=np.float32) if gene_spread else None
     rows = min(bank.tq, max(1, _MAX_ELEMENTS // (k * max(g, keys.shape[1]))))
     n_tiles = -(-n // bank.tq)
     with torch.inference_mode():
@@ -338,5 +343,8 @@ def retrieve(
                 mean = (w.unsqueeze(-1) * e).sum(dim=1)
                 var = (w.unsqueeze(-1) * (e - mean.unsqueeze(1)) ** 2).sum(dim=1)
                 pred[s + r : s + r + mean.shape[0]] = mean.cpu().numpy()
-                spread[s + r : s + r + mean.shape[0]] = var.clamp_min(0).sqrt().mean(dim=1).cpu().numpy()
-    return pred, spread
+                sd = var.clamp_min(0).sqrt()
+                spread[s + r : s + r + mean.shape[0]] = sd.mean(dim=1).cpu().numpy()
+                if per_gene is not None:
+                    per_gene[s + r : s + r + mean.shape[0]] = sd.cpu().numpy()
+    return (pred, spread, per_gene) if gene_spread else (pred, spread)

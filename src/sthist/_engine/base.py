@@ -42,10 +42,14 @@ class Prediction(NamedTuple):
         (n, g) float32 predictions in the order of the model's ``genes``.
     spread
         (n,) float32 uncertainty per spot (retrieval: the spread of the retrieved profiles), or ``None``.
+    gene_spread
+        (n, g) float32 standard deviation of every gene over the retrieved profiles, when ``predict`` was asked for it
+        (``gene_spread=True``, retrieval models); else ``None``.
     """
 
     expression: np.ndarray
     spread: np.ndarray | None
+    gene_spread: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,9 @@ class BaseModel:
 
     inputs: ModelInputs
     genes: list[str]
+    calibration: Any = None
+    """The :class:`~sthist._engine.calibration.Calibration` that :func:`sthist.tl.calibrate` attached (saved with the
+    model), or ``None``."""
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -255,6 +262,34 @@ class BaseModel:
             )
         return features
 
+    # ---- calibration ---------------------------------------------------------------------------------------------
+    def refit_options(self) -> tuple[str, dict[str, Any]]:
+        """The registered predictor and the fit options that refit this model's configuration on other spots.
+
+        :func:`sthist.tl.calibrate` refits the model leaving each group out with them.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not say how to refit it, so it cannot be calibrated.")
+
+    def embed_spots(
+        self,
+        *,
+        images: Any = None,
+        features: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        batch_size: int = 256,
+        device: str | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """The spots in the space where this model compares them (n, p): its frozen image features by default.
+
+        The calibration measures distances there (local residual scales, the shift score).
+        """
+        return np.asarray(
+            self._features(images, features, device=device, progress=progress, batch_size=min(batch_size, 64)),
+            dtype=np.float64,
+        )
+
     # ---- the contract --------------------------------------------------------------------------------------------
     def prediction_settings(self, **options: Any) -> dict[str, Any]:
         """The settings :meth:`predict` uses with these ``options`` (JSON-friendly; empty for models without any).
@@ -273,9 +308,13 @@ class BaseModel:
         batch_size: int = 256,
         device: str | None = None,
         progress: bool = False,
+        gene_spread: bool = False,
         **options: Any,
     ) -> Prediction:
-        """Predict expression from patches (``images``) or encoder ``features``; see :class:`Prediction`."""
+        """Predict expression from patches (``images``) or encoder ``features``; see :class:`Prediction`.
+
+        ``gene_spread=True`` also returns the per-gene spread of the retrieved profiles (retrieval models).
+        """
         raise NotImplementedError
 
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:

@@ -33,6 +33,7 @@ from .base import (
     load_npz_model,
     write_config,
 )
+from .calibration import attach_calibration, save_calibration
 
 FORMAT = "sthist.DualKNNModel"
 FORMAT_VERSION = 1
@@ -190,12 +191,14 @@ class DualKNNModel(BaseModel):
         progress: bool = False,
         k: int | None = None,
         chunk_size: int = 4096,
+        gene_spread: bool = False,
         **options: Any,
     ) -> Prediction:
         """The average of the retrievals (both spaces by default), and the spread of the retrieved profiles.
 
         The spread per spot is the mean over genes of the standard deviation of the ``k`` profiles retrieved in
-        each space, all spaces together. Other retrieval options (``weighting``, ``index``) do not apply and are ignored.
+        each space, all spaces together (with ``gene_spread=True`` also that standard deviation per gene). Other
+        retrieval options (``weighting``, ``index``) do not apply and are ignored.
         """
         k = self.prediction_settings(k=k)["k"]
         x = self._features(images, features, device=device, progress=progress, batch_size=min(batch_size, 64))
@@ -206,17 +209,45 @@ class DualKNNModel(BaseModel):
         spaces = [iter_nearest(*queries[name], k, chunk_size) for name in self.spaces]
         out = np.empty((q_raw.shape[0], len(self.genes)), dtype=np.float32)
         spread = np.empty(q_raw.shape[0], dtype=np.float32)
+        per_gene = np.empty_like(out) if gene_spread else None
         for chunk in zip(*spaces, strict=True):  # the same query rows in every space
             rows = chunk[0][0]
             out[rows] = sum(self.expression[idx].mean(1).astype(np.float64) for _, idx in chunk) / len(chunk)
             nb = self.expression[np.concatenate([idx for _, idx in chunk], axis=1)]
-            spread[rows] = nb.std(1).mean(1)
-        return Prediction(out, spread)
+            sd = nb.std(1)
+            spread[rows] = sd.mean(1)
+            if per_gene is not None:
+                per_gene[rows] = sd
+        return Prediction(out, spread, per_gene)
+
+    def embed_spots(
+        self,
+        *,
+        images: Any = None,
+        features: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        batch_size: int = 256,
+        device: str | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """The spots' standardised context features (their features next to their neighbours'): the raw space."""
+        x = self._features(images, features, device=device, progress=progress, batch_size=min(batch_size, 64))
+        return self.embed(np.asarray(x, dtype=np.float64), coords, groups)[0]
+
+    def refit_options(self) -> tuple[str, dict[str, Any]]:
+        """``("dual_knn", {...})``: ``k``, ``n_neighbors``, the components used and ``spaces``."""
+        options: dict[str, Any] = {"k": self.k, "n_neighbors": self.n_neighbors, "spaces": self.spaces}
+        for name in ("n_components", "n_expression_components"):
+            if name in self.settings:
+                options[name] = int(self.settings[name])
+        return "dual_knn", options
 
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write ``config.json`` and ``dual_knn_model.npz`` to the folder ``dir_path``."""
+        """Write ``config.json`` and ``dual_knn_model.npz`` (and the calibration, if any) to the folder ``dir_path``."""
         path = check_save_target(dir_path, overwrite=overwrite)
         np.savez(path / NPZ_FILE, **{a: getattr(self, a) for a in _ARRAYS})
+        save_calibration(self, path)
         write_config(
             path,
             {
@@ -235,7 +266,7 @@ class DualKNNModel(BaseModel):
     @classmethod
     def load(cls, dir_path: str | os.PathLike, *, device: str | None = None) -> DualKNNModel:
         """Read a model written by :meth:`save` (``allow_pickle=False``); ``device`` is unused."""
-        return load_npz_model(
+        model = load_npz_model(
             dir_path,
             expect=FORMAT,
             version=FORMAT_VERSION,
@@ -252,6 +283,7 @@ class DualKNNModel(BaseModel):
                 **arrays,
             ),
         )
+        return attach_calibration(model, dir_path)
 
 
 def fit_dual_knn(

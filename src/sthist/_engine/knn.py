@@ -25,6 +25,7 @@ from .base import (
     load_npz_model,
     write_config,
 )
+from .calibration import attach_calibration, save_calibration
 
 FORMAT = "sthist.KNNModel"
 FORMAT_VERSION = 1
@@ -101,28 +102,54 @@ class KNNModel(BaseModel):
         progress: bool = False,
         k: int | None = None,
         chunk_size: int = 4096,
+        gene_spread: bool = False,
         **options: Any,
     ) -> Prediction:
         """Average expression of the ``k`` nearest bank spots of every query, and their spread.
 
-        The spread per spot is the mean over genes of the standard deviation of the ``k`` retrieved profiles.
-        ``coords``, ``groups`` and other retrieval options do not apply and are ignored.
+        The spread per spot is the mean over genes of the standard deviation of the ``k`` retrieved profiles (with
+        ``gene_spread=True`` also that standard deviation per gene). ``coords``, ``groups`` and other retrieval
+        options do not apply and are ignored.
         """
         k = self.prediction_settings(k=k)["k"]
-        x = self._features(images, features, device=device, progress=progress, batch_size=min(batch_size, 64))
-        q = ((np.asarray(x, dtype=np.float32) - self.mean) / self.scale).astype(np.float32)
+        q = self.embed_spots(images=images, features=features, batch_size=batch_size, device=device, progress=progress)
+        q = q.astype(np.float32)
         out = np.empty((q.shape[0], len(self.genes)), dtype=np.float32)
         spread = np.empty(q.shape[0], dtype=np.float32)
+        per_gene = np.empty_like(out) if gene_spread else None
         for rows, idx in iter_nearest(q, self.bank, k, chunk_size):
             nb = self.expression[idx]  # (q, k, g)
             out[rows] = nb.mean(1)
-            spread[rows] = nb.std(1).mean(1)
-        return Prediction(out, spread)
+            sd = nb.std(1)
+            spread[rows] = sd.mean(1)
+            if per_gene is not None:
+                per_gene[rows] = sd
+        return Prediction(out, spread, per_gene)
+
+    def embed_spots(
+        self,
+        *,
+        images: Any = None,
+        features: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        batch_size: int = 256,
+        device: str | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """The spots' features standardised with the training mean and standard deviation (the retrieval space)."""
+        x = self._features(images, features, device=device, progress=progress, batch_size=min(batch_size, 64))
+        return (np.asarray(x, dtype=np.float32) - self.mean) / self.scale
+
+    def refit_options(self) -> tuple[str, dict[str, Any]]:
+        """``("knn", {"k": k})``."""
+        return "knn", {"k": self.k}
 
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write ``config.json`` and ``knn_model.npz`` to the folder ``dir_path``."""
+        """Write ``config.json`` and ``knn_model.npz`` (and the calibration, if any) to the folder ``dir_path``."""
         path = check_save_target(dir_path, overwrite=overwrite)
         np.savez(path / NPZ_FILE, **{a: getattr(self, a) for a in _ARRAYS})
+        save_calibration(self, path)
         write_config(
             path,
             {
@@ -138,7 +165,7 @@ class KNNModel(BaseModel):
     @classmethod
     def load(cls, dir_path: str | os.PathLike, *, device: str | None = None) -> KNNModel:
         """Read a model written by :meth:`save` (``allow_pickle=False``); ``device`` is unused."""
-        return load_npz_model(
+        model = load_npz_model(
             dir_path,
             expect=FORMAT,
             version=FORMAT_VERSION,
@@ -149,6 +176,7 @@ class KNNModel(BaseModel):
                 genes=meta["genes"], inputs=ModelInputs.from_dict(meta["inputs"]), k=int(meta["k"]), **arrays
             ),
         )
+        return attach_calibration(model, dir_path)
 
 
 def iter_nearest(query: np.ndarray, bank: np.ndarray, k: int, chunk_size: int):

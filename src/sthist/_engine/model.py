@@ -34,6 +34,7 @@ from .base import (
     read_config,
     write_config,
 )
+from .calibration import attach_calibration, save_calibration
 from .data import (
     FeatureScaler,
     SpotData,
@@ -323,6 +324,7 @@ class ContrastiveModel(BaseModel):
         index: Literal["exact", "faiss-ivf"] = "exact",
         n_probe: int = 32,
         tokens: np.ndarray | None = None,
+        gene_spread: bool = False,
     ) -> Prediction:
         """Predict expression of spots from their patches or encoder features.
 
@@ -356,6 +358,8 @@ class ContrastiveModel(BaseModel):
             Inverted lists visited per query with ``index="faiss-ivf"``.
         tokens
             (n, T, D) encoder tokens, with ``features``, for methods that read tokens (else computed from ``images``).
+        gene_spread
+            Retrieval methods: also return the weighted standard deviation of every gene over the retrieved profiles.
 
         Returns
         -------
@@ -374,7 +378,7 @@ class ContrastiveModel(BaseModel):
         k, weighting = opts["k"], opts["weighting"]
         data = self._spot_data(images, features, coords, groups, dev, progress, batch_size, tokens=tokens)
         query = self._run(data, lambda b: method.embed_image(b.img_feats, b), batch_size, progress, "embedding images")
-        expr, spread = _bank.retrieve(
+        out = _bank.retrieve(
             query,
             self.bank_embeddings,
             self.bank_expression,
@@ -387,8 +391,47 @@ class ContrastiveModel(BaseModel):
             progress=progress,
             index=index,
             n_probe=n_probe,
+            gene_spread=gene_spread,
         )
-        return Prediction(expr, spread)
+        return Prediction(*out)
+
+    def embed_spots(
+        self,
+        *,
+        images: Any = None,
+        features: np.ndarray | None = None,
+        coords: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        batch_size: int = 256,
+        device: str | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """The spots' image embeddings in the joint space (:meth:`embed_images`), where the model compares them."""
+        emb = self.embed_images(
+            images=images,
+            features=features,
+            coords=coords,
+            groups=groups,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+        return np.asarray(emb, dtype=np.float64)
+
+    def refit_options(self) -> tuple[str, dict[str, Any]]:
+        """``(method, {...})``: the plan that ran, the method's settings and the encoder (frozen or fine-tuned)."""
+        from .plan import TrainPlan
+
+        inputs = self.inputs
+        options: dict[str, Any] = {
+            "plan": TrainPlan.from_dict(self.config["plan"]),
+            "method_kwargs": dict(self.config.get("method_config") or {}),
+            "finetune": bool(inputs.finetuned),
+            "encoder": inputs.encoder,
+            "pretrained": bool(inputs.pretrained),
+            "checkpoint": inputs.checkpoint,
+        }
+        return self.method, options
 
     def prediction_settings(
         self,
@@ -436,6 +479,7 @@ class ContrastiveModel(BaseModel):
             "expression": torch.from_numpy(np.ascontiguousarray(self.bank_expression)),
         }
         save_file(bank, str(path / BANK_FILE), metadata=meta)
+        save_calibration(self, path)
         doc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -545,7 +589,7 @@ class ContrastiveModel(BaseModel):
             bank_expression=expr,
         )
         model._to(device)
-        return model
+        return attach_calibration(model, path)
 
 
 def _inputs_v1(config: dict[str, Any]) -> ModelInputs:

@@ -24,6 +24,7 @@ from .base import (
     read_config,
     write_config,
 )
+from .calibration import attach_calibration, save_calibration
 
 FORMAT = "sthist.RidgeModel"
 FORMAT_VERSION = 2
@@ -162,6 +163,14 @@ class RidgeModel(BaseModel):
         z = self.transform(feats)
         return Prediction((z @ self.coef.T + self.intercept).astype(np.float32), None)
 
+    def refit_options(self) -> tuple[str, dict[str, Any]]:
+        """``("ridge_gcv", ...)`` for a GCV penalty, else ``("ridge", ...)`` with HEST's rule or the penalty given."""
+        rule = self.settings.get("alpha_rule", "hest")
+        options: dict[str, Any] = {"n_components": int(self.settings.get("n_components_requested", self.n_components))}
+        if rule == "given":
+            options["alpha"] = self.alpha
+        return ("ridge_gcv" if rule == "gcv" else "ridge"), options
+
     # ---- persistence ---------------------------------------------------------------------------------------------
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write ``config.json`` and ``ridge_model.npz`` to the folder ``dir_path``."""
@@ -178,6 +187,7 @@ class RidgeModel(BaseModel):
             "settings": jsonable(self.settings),
         }
         np.savez(path / NPZ_FILE, **{name: getattr(self, name) for name in _ARRAYS})
+        save_calibration(self, path)
         write_config(path, meta)
 
     @classmethod
@@ -231,7 +241,7 @@ class RidgeModel(BaseModel):
             except (KeyError, TypeError, ValueError) as err:
                 raise ModelFileError(f"{where}: {CONFIG_FILE} holds invalid model inputs ({err}).") from err
         try:
-            return cls(
+            model = cls(
                 genes=meta["genes"],
                 inputs=inputs,
                 alpha=meta["alpha"],
@@ -240,6 +250,7 @@ class RidgeModel(BaseModel):
             )
         except ValueError as err:
             raise ModelFileError(f"{where}: {err}") from err
+        return attach_calibration(model, path)
 
 
 def fit_ridge(

@@ -71,7 +71,6 @@ def predicted(adata: AnnData, *, key: str = C.PREDICTED_KEY, drop_unpredicted: b
         raise TypeError(f"{fn}: key must be the name of a prediction (a string), got {key!r}.")
     bounds = {}
     if key in adata.layers and adata.n_vars > 0:
-
         layer = np.asarray(adata.layers[key].toarray() if hasattr(adata.layers[key], "toarray") else adata.layers[key])
         col = C.Key.modelled(key)
         modelled = adata.var[col].to_numpy(dtype=bool) if col in adata.var else np.isfinite(layer).any(axis=0)

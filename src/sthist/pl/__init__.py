@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._benchmark import benchmark
+from ._calibration import calibration
 from ._plots import gene_correlation, predicted_vs_true, scores, training_history
 
-__all__ = ["benchmark", "gene_correlation", "predicted_vs_true", "scores", "training_history"]
+__all__ = ["benchmark", "calibration", "gene_correlation", "predicted_vs_true", "scores", "training_history"]

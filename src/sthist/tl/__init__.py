@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from .._engine.plan import Optim, Schedule, Stage, TrainPlan
 from ._benchmark import BenchmarkResult, benchmark
+from ._calibrate import calibrate
 from ._cv import cross_validate
 from ._dual_knn import fit_dual_knn
 from ._fit import fit_contrastive
@@ -19,6 +20,7 @@ from ._utils import load_model
 
 if TYPE_CHECKING:
     from .._engine.base import BaseModel, ModelInputs
+    from .._engine.calibration import Calibration, ShiftWarning
     from .._engine.dual_knn import DualKNNModel
     from .._engine.knn import KNNModel
     from .._engine.model import ContrastiveModel
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "BaseModel": "base",
+    "Calibration": "calibration",
+    "ShiftWarning": "calibration",
     "ModelInputs": "base",
     "Prediction": "base",
     "ContrastiveModel": "model",
@@ -47,6 +51,7 @@ def __getattr__(name: str):
 __all__ = [
     "BaseModel",
     "BenchmarkResult",
+    "Calibration",
     "ContrastiveModel",
     "DualKNNModel",
     "KNNModel",
@@ -55,9 +60,11 @@ __all__ = [
     "Prediction",
     "RidgeModel",
     "Schedule",
+    "ShiftWarning",
     "Stage",
     "TrainPlan",
     "benchmark",
+    "calibrate",
     "cross_validate",
     "fit_contrastive",
     "fit_dual_knn",

@@ -576,7 +576,7 @@ def benchmark(
     tables, per_gene = [], {}
     for seed in seed_list:
         for name in names:
-            table, _, genes_r = run_folds(
+            table, _, genes_r, _ = run_folds(
                 prep, name, random_state=seed, fit_kwargs=fit_kwargs, strict=False, progress=False
             )
             tables.append(table)

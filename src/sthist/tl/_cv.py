@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -91,17 +91,25 @@ def prepare_folds(
     progress: bool,
     nonnegative: bool = True,
     keep_patches: bool = False,
+    labels: np.ndarray | None = None,
 ) -> Folds:
     """Check the input and prepare the folds (features of a frozen encoder are computed once, here).
 
     ``keep_patches`` also hands the patches to the folds (methods that read encoder tokens encode them per fit).
+    ``labels`` gives every spot's group directly (e.g. spatial blocks), named ``groupby``, instead of an obs column.
     """
     import anndata as ad
     import pandas as pd
 
-    if not isinstance(groupby, str) or groupby not in adata.obs:
+    if labels is not None:
+        labels = np.asarray(labels).astype(str)
+        if labels.shape != (adata.n_obs,):
+            raise ValueError(f"labels must give one group per spot ({adata.n_obs}), got shape {labels.shape}.")
+    elif not isinstance(groupby, str) or groupby not in adata.obs:
         raise KeyError(f"groupby={groupby!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
-    labels = adata.obs[groupby].astype(str).to_numpy()
+    else:
+        labels = adata.obs[groupby].astype(str).to_numpy()
+
     groups = list(dict.fromkeys(labels))
     if len(groups) < 2:
         raise ValueError(
@@ -118,9 +126,13 @@ def prepare_folds(
     small = {f: c for f, c in counts.items() if c < 2}
     if small:
         raise ValueError(f"held-out group(s) {small} have fewer than the 2 spots a score needs; drop them first.")
-    library_key = groupby if library_key is None else library_key
-    if library_key not in adata.obs:
-        raise KeyError(f"library_key={library_key!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
+    if library_key is None and groupby not in adata.obs:  # groups given as labels, one section
+        library = np.zeros(adata.n_obs, dtype=np.int64).astype(str)
+    else:
+        library_key = groupby if library_key is None else library_key
+        if library_key not in adata.obs:
+            raise KeyError(f"library_key={library_key!r} is not a column of adata.obs (columns: {list(adata.obs)}).")
+        library = adata.obs[library_key].astype(str).to_numpy()
     n_top = check_positive_int("n_top", n_top)
     expr, gene_names, targets = fit_expression(
         adata, layer=layer, genes=genes, fn="sthist.tl.cross_validate / benchmark", nonnegative=nonnegative
@@ -156,9 +168,7 @@ def prepare_folds(
         auto["encoder"] = feats.params.get("encoder") or encoder
     work = ad.AnnData(
         X=expr,
-        obs=pd.DataFrame(
-            {groupby: labels, "_library": adata.obs[library_key].astype(str).to_numpy()}, index=adata.obs_names.copy()
-        ),
+        obs=pd.DataFrame({groupby: labels, "_library": library}, index=adata.obs_names.copy()),
         var=pd.DataFrame(index=pd.Index(gene_names)),
         obsm=obsm,
         uns=uns,
@@ -176,7 +186,7 @@ def prepare_folds(
         fit_kwargs=auto,
         features_key=used_features,
         normalisation=normalisation,
-        library_key=library_key,
+        library_key=library_key or "",
         n_top=n_top,
         targets=targets,
         held_out_spots=counts,
@@ -219,6 +229,19 @@ def _model_config(model: Any, settings: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+class FoldResults(NamedTuple):
+    """What :func:`run_folds` returns."""
+
+    table: pd.DataFrame
+    """One row per fold: metrics and the configuration of the fold's model."""
+    oof: np.ndarray
+    """Out-of-fold predictions (n_obs, n_genes); NaN outside the folds."""
+    per_gene: dict[str, pd.Series]
+    """Per fold, the per-gene Pearson r averaged over the held-out sections."""
+    gene_spread: np.ndarray | None = None
+    """With ``gene_spread=True`` and a retrieval method: the per-gene spread of the profiles retrieved out of fold."""
+
+
 def run_folds(
     prep: Folds,
     method: str,
@@ -229,14 +252,13 @@ def run_folds(
     fit_kwargs: dict[str, Any] | None = None,
     strict: bool = True,
     progress: bool = False,
-) -> tuple[pd.DataFrame, np.ndarray, dict[str, pd.Series]]:
+    gene_spread: bool = False,
+) -> FoldResults:
     """Fit ``method`` on every fold's training groups and score the held-out group.
 
     ``fit_kwargs`` go to the method's fit function; one it does not take raises (``strict``) or is dropped (the
-    benchmark gives one set of options to methods and baselines alike).
-
-    Returns the table (one row per fold), the out-of-fold predictions (n_obs, n_genes; NaN outside the folds) and,
-    per fold, the per-gene Pearson r averaged over the held-out sections.
+    benchmark gives one set of options to methods and baselines alike). ``gene_spread`` also collects the per-gene
+    spread of the profiles that retrieval models retrieve for the held-out spots (what a calibration needs).
     """
     import pandas as pd
 
@@ -254,6 +276,7 @@ def run_folds(
             kwargs.setdefault(key, value)
     work, labels = prep.work, prep.labels
     oof = np.full(work.shape, np.nan, dtype=np.float32)
+    oof_spread = np.full(work.shape, np.nan, dtype=np.float32) if gene_spread else None
     rows, per_gene = [], {}
     for fold in prep.folds:
         t0 = time.perf_counter()
@@ -274,6 +297,9 @@ def run_folds(
         )
         settings = test_ad.uns["oof"]["params"]  # what predict_expression used (k after capping, weighting)
         oof[test] = test_ad.layers["oof"]
+        if oof_spread is not None and model.prediction == "retrieval":
+            oof_spread[test] = _fold_gene_spread(model, test_ad, prep, settings)
+
         score_prediction(
             test_ad,
             layer="oof",
@@ -300,7 +326,27 @@ def run_folds(
         r = test_ad.varm["s_pearson"]
         per_gene[fold] = pd.Series(np.nanmean(r.to_numpy(), axis=1) if r.shape[1] else np.nan, index=r.index)
         info(f"    {method!r} seed {random_state}, held out {fold!r}: {int(test.sum())} spots in {row['seconds']} s")
-    return pd.DataFrame(rows), oof, per_gene
+    has_spread = oof_spread is not None and np.isfinite(oof_spread).any()
+    return FoldResults(pd.DataFrame(rows), oof, per_gene, oof_spread if has_spread else None)
+
+
+def _fold_gene_spread(model: Any, test_ad: AnnData, prep: Folds, settings: dict[str, Any]) -> np.ndarray:
+    """The per-gene spread of the profiles ``model`` retrieves for the held-out spots (the settings it predicted with)."""
+    from .._anndata import spot_coords
+
+    if prep.features_key is not None:
+        source = {"features": np.asarray(test_ad.obsm[prep.features_key])}
+    else:
+        source = {"images": test_ad.obsm[C.PATCHES_KEY]}
+    result = model.predict(
+        **source,
+        coords=spot_coords(test_ad),
+        groups=test_ad.obs["_library"].astype(str).to_numpy(),
+        k=settings.get("k"),
+        weighting=settings.get("weighting"),
+        gene_spread=True,
+    )
+    return np.asarray(result.gene_spread, dtype=np.float32)
 
 
 @inject_docs
@@ -416,7 +462,7 @@ def cross_validate(
         keep_patches=_reads_tokens([method]),
     )
     start = info(f"cross-validating {method!r} over {len(prep.folds)} held-out groups of {groupby!r}")
-    table, oof, _ = run_folds(
+    table, oof, *_ = run_folds(
         prep, method, random_state=random_state, k=k, weighting=weighting, fit_kwargs=fit_kwargs, progress=progress
     )
     if not inplace:

@@ -14,6 +14,9 @@ from .._logging import info
 from .._validate import check_adata, check_choice, check_positive_int
 from ._utils import resolve_model
 
+#: A slide with at least this fraction of spots flagged as unlike the calibration tissue draws a ShiftWarning.
+SLIDE_OOD_FRACTION = 0.1
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -61,6 +64,7 @@ def predict_expression(
     chunk_size: int = 4096,
     index: Literal["exact", "faiss-ivf"] = "exact",
     n_probe: int = 32,
+    level: float | None = None,
     device: str | None = None,
     progress: bool = True,
     copy: bool = False,
@@ -107,6 +111,9 @@ def predict_expression(
         banks of millions of spots (``pip install faiss-cpu``; recall and speed in ``benchmarks/retrieval.py``).
     n_probe
         Inverted lists visited per query with ``index='faiss-ivf'``: more is slower and closer to exact.
+    level
+        Calibrated models (:func:`sthist.tl.calibrate`): the coverage of the intervals, one of the calibrated levels
+        (``None``: the calibration's, 0.9 by default).
     device
         Torch device; ``None`` picks cuda, then mps, then cpu.
     {progress}
@@ -122,10 +129,26 @@ def predict_expression(
         whether the model covers the gene.
     ``adata.obs['predicted_spread']``
         spread of the retrieved neighbours' expression (retrieval models): an uncertainty per spot.
+    ``adata.layers['predicted_lower']``, ``adata.layers['predicted_upper']``
+        calibrated models: the bounds of the prediction intervals at ``level`` (NaN where not modelled; lower bounds
+        clipped at 0 for non-negative targets).
+    ``adata.var['predicted_cv_r']``, ``['predicted_cv_r_low']``, ``['predicted_cv_r_high']``, ``['predicted_reliable']``
+        calibrated models: each gene's cross-validated r, its 90 % interval, and whether the interval lies above the
+        calibration's ``min_r``; ``['predicted_train_range']``: the gene's 5-95 % range over the training spots.
+    ``adata.varm['predicted_interval_scale']``
+        calibrated models: per gene, the half-width of the interval at each calibrated level relative to ``level``.
+    ``adata.obs['predicted_shift']``, ``adata.obs['predicted_ood']``
+        calibrated models: how unlike the calibration tissue a spot is (1 - its conformal p-value, in the model's
+        space) and the flag (p at most the calibration's ``ood_alpha``). When at least 10 % of the spots are flagged,
+        a :class:`~sthist.tl.ShiftWarning` names the fraction.
     ``adata.uns['predicted']['params']``
         the settings used (e.g. retrieval ``k`` after capping), the model's description and where it came from,
         and ``targets``: the layer and scale of the expression the model was fitted on, which
         :func:`sthist.tl.score_prediction` and :func:`sthist.pl.predicted_vs_true` take as the truth by default.
+    ``adata.uns['predicted']['calibration']``
+        calibrated models: the slide's summary (``level``, ``n_reliable``, ``fraction_ood`` and the fraction expected,
+        ``median_shift``, ``unlike_calibration``) and the calibration's provenance.
+
 
     When ``adata`` has no genes at all (a new slide), ``copy=True`` returns a new AnnData whose genes are the
     model's and whose ``X`` and ``layers[key_added]`` both hold the predictions, ready for scanpy and squidpy;
@@ -177,6 +200,10 @@ def predict_expression(
     if settings.get("note"):
         info(f"    {settings['note']}")
     start = info(f"predicting {len(model_genes)} genes for {adata.n_obs} spots with {model.method!r}")
+    cal = model.calibration
+    if cal is not None:
+        level = cal.level if level is None else float(level)
+        cal.quantile(level)  # an uncalibrated level raises before any work
     result = model.predict(
         **inputs,
         coords=coords,
@@ -189,11 +216,20 @@ def predict_expression(
         batch_size=batch_size,
         device=device,
         progress=progress,
+        gene_spread=cal is not None and cal.uses_spread,
     )
-    pred = np.asarray(result.expression, dtype=np.float32)
-    if genes is not None:
-        cols = [model_genes.index(g) for g in genes]
-        pred, model_genes = pred[:, cols], genes
+    layers = {key_added: np.asarray(result.expression, dtype=np.float32)}
+    shift = None
+    if cal is not None:
+        emb = model.embed_spots(**inputs, coords=coords, groups=groups, batch_size=batch_size, device=device)
+        lower, upper = cal.intervals(layers[key_added], emb, result.gene_spread, level)
+        layers[C.Key.interval(key_added, "lower")] = lower
+        layers[C.Key.interval(key_added, "upper")] = upper
+        shift = cal.shift(emb)
+    cols = None if genes is None else [model_genes.index(g) for g in genes]
+    if cols is not None:
+        layers = {name: values[:, cols] for name, values in layers.items()}
+        model_genes = genes
 
     params = {
         **model.describe(),
@@ -206,41 +242,121 @@ def predict_expression(
         # the expression the model was fitted on: the truth `score_prediction` compares with by default
         "targets": model.inputs.targets,
     }
+    target, written, var_idx = _write_predictions(adata, layers, model_genes, key_added=key_added, copy=copy)
+    if result.spread is not None and np.isfinite(result.spread).any():
+        target.obs[C.Key.spread(key_added)] = np.asarray(result.spread, dtype=np.float32)
+    entry: dict[str, Any] = {"params": params}
+    if cal is not None:
+        entry["calibration"] = _write_calibration(target, cal, shift, level, key_added, model_genes, cols, var_idx)
+        written += "\n    interval bounds, per-gene reliability (var) and the shift score and flag (obs)"
+    record(target, key_added, entry)
+    info("    finished", time=start, deep=f"added\n    {written}")
+    return target if copy else None
+
+
+def _write_predictions(
+    adata: AnnData, layers: dict[str, np.ndarray], genes: list[str], *, key_added: str, copy: bool
+) -> tuple[AnnData, str, np.ndarray]:
+    """Write the predictions (and interval bounds) ``layers`` (spots x ``genes``) into ``adata`` or a new AnnData.
+
+    Returns the AnnData written to, what was written (for the log) and, per model gene, its column in that AnnData.
+    """
     import pandas as pd
 
-    if new_slide and copy:
+    pred = layers[key_added]
+    if adata.n_vars == 0 and copy:  # a new slide: a new AnnData whose genes are the model's
         import anndata as ad
 
         target = ad.AnnData(
             X=pred.copy(),
             obs=adata.obs.copy(),
-            var=pd.DataFrame(index=pd.Index(model_genes, name=None)),
+            var=pd.DataFrame(index=pd.Index(genes, name=None)),
             obsm={key: val.copy() if hasattr(val, "copy") else val for key, val in adata.obsm.items()},
             uns=dict(adata.uns),
         )
-        target.layers[key_added] = pred
+        for name, values in layers.items():
+            target.layers[name] = values
         target.var[C.Key.modelled(key_added)] = True
-        written = f"{key_added!r}, predictions (X and adata.layers)"
-    elif new_slide:
-        target = adata
-        target.obsm[key_added] = pd.DataFrame(pred, index=adata.obs_names.copy(), columns=list(model_genes))
-        written = f"{key_added!r}, predictions as a spots x genes DataFrame (adata.obsm)"
-    else:
-        target = adata.copy() if copy else adata
-        layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
-        pos = {g: i for i, g in enumerate(model_genes)}
-        var_idx = [i for i, g in enumerate(adata.var_names) if g in pos]
-        layer[:, var_idx] = pred[:, [pos[adata.var_names[i]] for i in var_idx]]
-        n_dropped = len(model_genes) - len(var_idx)
-        if n_dropped:
-            info(f"    {n_dropped} of the model's genes are not in adata.var_names and were not written")
-        target.layers[key_added] = layer
-        modelled = np.zeros(adata.n_vars, dtype=bool)
-        modelled[var_idx] = True
-        target.var[C.Key.modelled(key_added)] = modelled
-        written = f"{key_added!r}, predictions (adata.layers)\n    {C.Key.modelled(key_added)!r} (adata.var)"
-    if result.spread is not None and np.isfinite(result.spread).any():
-        target.obs[C.Key.spread(key_added)] = np.asarray(result.spread, dtype=np.float32)
-    record(target, key_added, {"params": params})
-    info("    finished", time=start, deep=f"added\n    {written}")
-    return target if copy else None
+        return target, f"{key_added!r}, predictions (X and adata.layers)", np.arange(len(genes))
+    if adata.n_vars == 0:  # in place: genes cannot be added to an AnnData, so spots x genes DataFrames in obsm
+        for name, values in layers.items():
+            adata.obsm[name] = pd.DataFrame(values, index=adata.obs_names.copy(), columns=list(genes))
+        return adata, f"{key_added!r}, predictions as a spots x genes DataFrame (adata.obsm)", np.arange(len(genes))
+    target = adata.copy() if copy else adata
+    col = adata.var_names.get_indexer(genes)
+    found = col >= 0
+    if (~found).any():
+        info(f"    {int((~found).sum())} of the model's genes are not in adata.var_names and were not written")
+    for name, values in layers.items():
+        full = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+        full[:, col[found]] = values[:, found]
+        target.layers[name] = full
+    modelled = np.zeros(adata.n_vars, dtype=bool)
+    modelled[col[found]] = True
+    target.var[C.Key.modelled(key_added)] = modelled
+    return target, f"{key_added!r}, predictions (adata.layers)\n    {C.Key.modelled(key_added)!r} (adata.var)", col
+
+
+def _gene_column(values: np.ndarray, col: np.ndarray, n_vars: int, fill: Any) -> np.ndarray:
+    """Per-model-gene ``values`` placed at their columns ``col`` of an AnnData with ``n_vars`` genes (``fill`` else)."""
+    out = np.full(n_vars, fill, dtype=np.asarray(values).dtype if fill is not np.nan else np.float64)
+    found = col >= 0
+    out[col[found]] = np.asarray(values)[found]
+    return out
+
+
+def _write_calibration(
+    target: AnnData,
+    cal: Any,
+    shift: tuple[np.ndarray, np.ndarray],
+    level: float,
+    key: str,
+    genes: list[str],
+    cols: list[int] | None,
+    var_idx: np.ndarray,
+) -> dict[str, Any]:
+    """Per-gene reliability in ``var``, the shift score and flag in ``obs``, the slide summary (returned), a warning."""
+    import warnings
+
+    import pandas as pd
+
+    from .._engine.calibration import ShiftWarning
+
+    pick = (lambda v: np.asarray(v)) if cols is None else (lambda v: np.asarray(v)[cols])
+    n_vars = target.n_vars
+    target.var[C.Key.cv_r(key)] = _gene_column(pick(cal.cv_r), var_idx, n_vars, np.nan)
+    target.var[C.Key.cv_r(key, "low")] = _gene_column(pick(cal.cv_r_low), var_idx, n_vars, np.nan)
+    target.var[C.Key.cv_r(key, "high")] = _gene_column(pick(cal.cv_r_high), var_idx, n_vars, np.nan)
+    target.var[C.Key.reliable(key)] = _gene_column(pick(cal.reliable), var_idx, n_vars, False).astype(bool)
+    target.var[C.Key.train_range(key)] = _gene_column(pick(cal.train_high - cal.train_low), var_idx, n_vars, np.nan)
+    quantiles = pick(cal.quantiles.T) / pick(cal.quantile(level))[:, None]  # half-width at each level / at `level`
+    frame = pd.DataFrame(np.nan, index=target.var_names.copy(), columns=[f"{v:g}" for v in cal.levels])
+    found = var_idx >= 0
+    frame.iloc[var_idx[found], :] = quantiles[found]
+    target.varm[C.Key.interval_scale(key)] = frame
+    score, ood = shift
+    target.obs[C.Key.shift(key)] = score
+    target.obs[C.Key.ood(key)] = np.asarray(ood, dtype=bool)
+    fraction = float(np.mean(ood))
+    unlike = fraction >= SLIDE_OOD_FRACTION
+    summary = {
+        "level": float(level),
+        "levels": [float(v) for v in cal.levels],
+        "n_reliable": int(np.asarray(pick(cal.reliable))[found].sum()),
+        "min_r": cal.min_r,
+        "fraction_ood": fraction,
+        "expected_fraction_ood": cal.ood_alpha,
+        "median_shift": float(np.median(score)),
+        "unlike_calibration": bool(unlike),
+        "provenance": cal.provenance,
+    }
+    if unlike:
+        warnings.warn(
+            f"{100 * fraction:.0f} % of the {target.n_obs} spots are unlike the tissue the model was calibrated on "
+            f"(obs[{C.Key.ood(key)!r}]; about {100 * cal.ood_alpha:g} % are expected of tissue like it): this slide as "
+            "a whole differs (another organ, stain, scanner or patient?), so its intervals and reliable genes may not "
+            "hold. Check the flagged regions, and calibrate on tissue like this one if you can.",
+            ShiftWarning,
+            stacklevel=3,
+        )
+    return summary

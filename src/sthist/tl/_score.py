@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 
 _CHUNK = 8192  # spots per dense block when streaming over (possibly sparse) matrices
 _METRICS = ("pcc_all", "pcc_heg", "pcc_hvg", "pcc_markers", "mse", "mae", "gene_corr")
+#: Metrics of prediction intervals, when the prediction has them (calibrated models).
+_INTERVAL_METRICS = (
+    "coverage_all",
+    "coverage_heg",
+    "width_all",
+    "width_heg",
+    "width_rel_all",
+    "width_rel_heg",
+    "adaptivity_heg",
+)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -153,6 +163,67 @@ def _gene_sets(gene_sets: Mapping[str, Sequence[str]] | None, scored: pd.Index, 
     return out
 
 
+class _Intervals:
+    """The interval layers of a prediction (``<layer>_lower`` / ``_upper``) and what scoring them needs."""
+
+    def __init__(self, adata: AnnData, layer: str, cols: np.ndarray):
+        self.lower = adata.layers[Key.interval(layer, "lower")]
+        self.upper = adata.layers[Key.interval(layer, "upper")]
+        rng = (
+            adata.var[Key.train_range(layer)].to_numpy(dtype=float)[cols]
+            if Key.train_range(layer) in adata.var
+            else None
+        )
+        self.range = None if rng is None else np.where(rng > 0, rng, np.nan)
+        scale = adata.varm.get(Key.interval_scale(layer)) if Key.interval_scale(layer) in adata.varm else None
+        self.scale = None if scale is None else scale.iloc[cols]
+        entry = adata.uns.get(layer, {})
+        cal = entry.get("calibration", {}) if isinstance(entry, dict) else {}
+        self.level = float(cal["level"]) if isinstance(cal, dict) and "level" in cal else float("nan")
+
+    @staticmethod
+    def present(adata: AnnData, layer: str) -> bool:
+        return Key.interval(layer, "lower") in adata.layers and Key.interval(layer, "upper") in adata.layers
+
+    def stats(self, true, pred, rows: np.ndarray, cols: np.ndarray, heg: np.ndarray) -> dict[str, Any]:
+        """Per-gene coverage and width, their summaries, adaptivity, and the coverage at every calibrated level."""
+        from scipy.stats import spearmanr
+
+        t = _rows_dense(true, rows, cols)
+        p = _rows_dense(pred, rows, cols)
+        lo = _rows_dense(self.lower, rows, cols)
+        hi = _rows_dense(self.upper, rows, cols)
+        inside = (t >= lo) & (t <= hi)
+        width = hi - lo
+        out: dict[str, Any] = {"coverage": inside.mean(0), "width": width.mean(0)}
+        err = np.abs(t - p)
+        spot_w, spot_e = width[:, heg].mean(1), err[:, heg].mean(1)
+        adapt = spearmanr(spot_w, spot_e).statistic if rows.size > 2 and np.ptp(spot_w) > 0 else np.nan
+        rel = out["width"] / self.range if self.range is not None else np.full(len(cols), np.nan)
+        out["summary"] = {
+            "coverage_all": float(inside.mean()),
+            "coverage_heg": float(inside[:, heg].mean()),
+            "width_all": float(width.mean()),
+            "width_heg": float(width[:, heg].mean()),
+            "width_rel_all": _mean_finite(rel),
+            "width_rel_heg": _mean_finite(rel[heg]),
+            "adaptivity_heg": float(adapt),
+        }
+        if self.scale is not None:
+            half = hi - p  # the upper bound is never clipped: it gives the half-width at the calibrated level
+            clipped = bool((lo >= 0).all())
+            curve = {"level": [], "coverage_all": [], "coverage_heg": []}
+            for name in self.scale.columns:
+                h = half * self.scale[name].to_numpy(dtype=float)[None, :]
+                low = np.maximum(p - h, 0.0) if clipped else p - h
+                cov = (t >= low) & (t <= p + h)
+                curve["level"].append(float(name))
+                curve["coverage_all"].append(float(cov.mean()))
+                curve["coverage_heg"].append(float(cov[:, heg].mean()))
+            out["curve"] = curve
+        return out
+
+
 def _summarise(st: dict[str, Any], sets: dict[str, np.ndarray | None]) -> dict[str, Any]:
     r = st["r"]
     row: dict[str, Any] = {
@@ -225,6 +296,16 @@ def score_prediction(
           correlation matrix of the true and of the predicted expression over the spots; ``gene_corr`` is the
           Pearson r between the strict upper-triangle entries of the two matrices (BLEEP's heatmap genes).
 
+    Prediction intervals (calibrated models, :func:`sthist.tl.calibrate`)
+        When ``layers[layer + '_lower']`` and ``layers[layer + '_upper']`` exist: ``coverage_all`` /
+        ``coverage_heg``, the fraction of (spot, gene) values inside their interval over all modelled genes / the
+        HEG; ``width_all`` / ``width_heg``, the mean width; ``width_rel_all`` / ``width_rel_heg``, the mean over genes
+        of the mean width divided by the gene's 5-95 % range over the training spots
+        (``var[layer + '_train_range']``); ``adaptivity_heg``, the Spearman correlation over spots between the mean
+        width and the mean absolute error over the HEG (do wider intervals mark worse predictions?). With
+        ``varm[layer + '_interval_scale']``, the coverage at every calibrated level is in
+        ``uns[key_added]['coverage_curve']`` (what :func:`sthist.pl.calibration` draws).
+
     The gene sets (HEG, HVG, gene-gene genes) are chosen once on all evaluated spots and kept for the groups, so
     the per-group numbers compare like with like; the per-gene r and all means are recomputed within each group.
     Choosing them on the spots being scored uses the truth of the test data; an honest benchmark chooses them on
@@ -258,13 +339,17 @@ def score_prediction(
     -------
     With ``inplace=False``, a :class:`~pandas.DataFrame` with one row ``'all'`` and one per group and columns
     ``pcc_all``, ``pcc_heg``, ``pcc_hvg`` (``pcc_markers``), ``mse``, ``mae``, ``gene_corr``, ``n_obs``,
-    ``n_genes`` (genes with a finite r), ``n_constant``. Otherwise ``None``, and writes (names built by
+    ``n_genes`` (genes with a finite r), ``n_constant``, and the interval metrics when the prediction has intervals.
+    Otherwise ``None``, and writes (names built by
     ``sthist._constants.Key``; with the default ``layer``, ``key_added`` is ``'predicted_scores'``)
 
     ``adata.var[key_added + '_pearson']``
         per-gene r over all evaluated spots (NaN where not evaluated).
     ``adata.varm[key_added + '_pearson']``
         with ``groupby``: a genes x groups DataFrame of the per-gene r within each group.
+    ``adata.var[key_added + '_coverage']``, ``adata.var[key_added + '_width']``
+        with intervals: per-gene coverage and mean width over the scored spots.
+
     ``adata.uns[key_added]``
         ``'summary'`` (the ``'all'`` row as a dict), ``'per_group'`` (dict of dicts, empty without ``groupby``),
         ``'gene_corr_true'`` and ``'gene_corr_pred'`` (the two gene-gene correlation matrices),
@@ -347,6 +432,10 @@ def score_prediction(
     sets = {"heg": heg, "hvg": hvg, "markers": marker_pos}
     overall = _stats(true, pred, rows, cols, gc)
     summary = _summarise(overall, sets)
+    intervals = _Intervals(adata, layer, cols) if _Intervals.present(adata, layer) else None
+    if intervals is not None:
+        interval_stats = intervals.stats(true, pred, rows, cols, heg)
+        summary.update(interval_stats["summary"])
     n_const = summary["n_constant"]
     if n_const:
         logg.warning(
@@ -368,15 +457,23 @@ def score_prediction(
                 continue
             g_stats = _stats(true, pred, g_rows, cols, gc)
             per_group[str(grp)] = _summarise(g_stats, sets)
+            if intervals is not None:
+                per_group[str(grp)].update(intervals.stats(true, pred, g_rows, cols, heg)["summary"])
             group_r[str(grp)] = g_stats["r"]
 
     table = pd.DataFrame.from_dict({"all": summary, **per_group}, orient="index")
-    metric_cols = [m for m in _METRICS if m in table.columns]
+    metric_cols = [m for m in (*_METRICS, *_INTERVAL_METRICS) if m in table.columns]
     table = table[[*metric_cols, "n_obs", "n_genes", "n_constant"]]
     table.index.name = groupby if groupby is not None else "group"
     logg.info(
         f"    pcc_all = {summary['pcc_all']:.3f}, pcc_heg = {summary['pcc_heg']:.3f}, "
-        f"pcc_hvg = {summary['pcc_hvg']:.3f} over {summary['n_genes']} genes and {summary['n_obs']} spots",
+        f"pcc_hvg = {summary['pcc_hvg']:.3f} over {summary['n_genes']} genes and {summary['n_obs']} spots"
+        + (
+            ""
+            if intervals is None
+            else f"; intervals at {intervals.level:g}: coverage {summary['coverage_all']:.3f} (top HEG "
+            f"{summary['coverage_heg']:.3f})"
+        ),
         time=start,
     )
     if not inplace:
@@ -390,7 +487,17 @@ def score_prediction(
         for grp, r in group_r.items():
             frame.iloc[cols, frame.columns.get_loc(grp)] = r
         adata.varm[Key.pearson(key_added)] = frame
+    if intervals is not None:
+        for name, column in (("coverage", Key.coverage(key_added)), ("width", Key.width(key_added))):
+            values = np.full(adata.n_vars, np.nan)
+            values[cols] = interval_stats[name]
+            adata.var[column] = values
     adata.uns[key_added] = {
+        **(
+            {"coverage_curve": to_uns(interval_stats["curve"])}
+            if intervals is not None and "curve" in interval_stats
+            else {}
+        ),
         "summary": to_uns(summary),
         "per_group": to_uns(per_group),
         Key.gene_corr("true"): overall["corr_true"],

@@ -120,6 +120,7 @@ def predict_slide(
     k: int | None = None,
     weighting: Literal["average", "distance", "softmax"] | None = None,
     genes: Any = None,
+    level: float | None = None,
     key_added: str = C.PREDICTED_KEY,
     chunk_size: int = DEFAULT_CHUNK,
     store: str | Path | None = None,
@@ -162,8 +163,9 @@ def predict_slide(
         resolution when not recorded).
     min_tissue, tissue_mask, image_key, library_id
         Passed to :func:`sthist.pp.tile_tissue`.
-    k, weighting, genes
-        Retrieval settings and genes to write, as in :func:`sthist.tl.predict_expression`.
+    k, weighting, genes, level
+        Retrieval settings, genes to write and (calibrated models) the coverage of the intervals, as in
+        :func:`sthist.tl.predict_expression`.
     key_added
         Name of the prediction layer and of the ``obs`` / ``var`` / ``uns`` entries.
     chunk_size
@@ -191,6 +193,10 @@ def predict_slide(
         spread of the retrieved neighbours' expression (retrieval models).
     ``obsm['X_<encoder>']`` and ``uns['X_<encoder>']``
         the encoder features of the pseudo-spots (frozen encoders).
+    ``layers['predicted_lower']``, ``layers['predicted_upper']``, ``var['predicted_reliable']``, ``obs['predicted_shift']``, ``obs['predicted_ood']``, ...
+        with a calibrated model (:func:`sthist.tl.calibrate`): the intervals, per-gene reliability, the shift score and
+        flag and the slide's summary in ``uns['predicted']['calibration']``, as :func:`sthist.tl.predict_expression`
+        writes them (with the same warning when the slide as a whole is unlike the calibration tissue).
     ``uns['predicted' | key_added]['params']``
         the settings of :func:`~sthist.tl.predict_expression` plus the patch geometry, ``chunk_size``, the slide's
         µm per pixel (``slide_mpp``) and where it came from (``slide_mpp_origin``).
@@ -264,6 +270,7 @@ def predict_slide(
         "k": k,
         "weighting": weighting,
         "genes": genes,
+        "level": level,
         "key_added": key_added,
         "batch_size": max(batch_size, 256) if not finetuned else batch_size,
         "device": device,

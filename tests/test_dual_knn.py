@@ -213,8 +213,10 @@ def test_ridge_gcv_regularises_small_cohorts():
 def test_registered_and_benchmarked(prepared_toy):
     table = st.tl.methods()
     assert (
-        table.index[0] == "dual_knn"
-        and table.loc["dual_knn", "kind"] == "recommended"
+        table.index[0] == "recommended"
+        and table.loc["recommended", "kind"] == "recommended"
+        and table.loc["dual_knn", "kind"] == "closed-form"
+
         and bool(table.loc["dual_knn", "needs_coords"])
     )
     assert table.loc["dual_knn", "prediction"] == "retrieval" and table.loc["ridge_gcv", "prediction"] == "regression"

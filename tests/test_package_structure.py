@@ -52,6 +52,8 @@ READER_SOURCES = {"path", "root", "sdata", "ids"}  # ids: the HEST-1k samples st
 EXTRA_POSITIONAL = {
     "sthist.tl.predict_expression": "model",
     "sthist.tl.predict_slide": "model",
+    "sthist.tl.calibrate": "model",
+
     "sthist.pl.predicted_vs_true": "genes",
 }
 # plots that draw one panel and so take ``ax=``

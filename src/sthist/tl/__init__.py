@@ -12,6 +12,7 @@ from ._dual_knn import fit_dual_knn
 from ._fit import fit_contrastive
 from ._knn import fit_knn
 from ._predict import predict_expression
+from ._recommended import fit_recommended
 from ._registry import methods
 from ._ridge import fit_ridge
 from ._score import score_prediction
@@ -69,6 +70,7 @@ __all__ = [
     "fit_contrastive",
     "fit_dual_knn",
     "fit_knn",
+    "fit_recommended",
     "fit_ridge",
     "load_model",
     "methods",

@@ -71,6 +71,61 @@ def _groups(
     return BLOCKS, labels, f"{n_blocks} spatial blocks of one section (k-means clusters of the spot coordinates)"
 
 
+def leave_group_out_folds(
+    adata: AnnData,
+    *,
+    groupby: str | None,
+    library_key: str | None,
+    spatial_key: str,
+    n_blocks: int,
+    random_state: int,
+    layer: str | None,
+    genes: Any,
+    patches_key: str,
+    features_key: str | None,
+    encoder: str,
+    fit_kwargs: dict[str, Any],
+    nonnegative: bool,
+    keep_patches: bool,
+    progress: bool,
+    fn: str,
+) -> tuple[Any, str]:
+    """The folds of a calibration: every group of ``groupby`` (or section, or spatial block) left out once."""
+    from ._cv import prepare_folds
+
+    groupby, labels, how = _groups(
+        adata,
+        groupby=groupby,
+        library_key=library_key,
+        spatial_key=spatial_key,
+        n_blocks=n_blocks,
+        seed=random_state,
+        fn=fn,
+    )
+    if library_key is None and groupby != BLOCKS:
+        library_key = C.SECTION_KEY if C.SECTION_KEY in adata.obs else groupby
+    with warnings.catch_warnings():  # within-patient groups are the point here, not a mislabelled benchmark
+        warnings.filterwarnings("ignore", message=".*labelled 'within\\s+patient'")
+        prep = prepare_folds(
+            adata,
+            groupby=groupby,
+            labels=labels,
+            layer=layer,
+            genes=genes,
+            patches_key=patches_key,
+            features_key=features_key,
+            encoder=encoder,
+            spatial_key=spatial_key,
+            library_key=library_key,
+            n_top=50,
+            fit_kwargs=fit_kwargs,
+            progress=progress,
+            nonnegative=nonnegative,
+            keep_patches=keep_patches,
+        )
+    return prep, how
+
+
 @inject_docs
 def calibrate(
     adata: AnnData,
@@ -159,10 +214,8 @@ def calibrate(
     >>> sthist.tl.predict_expression(new, model)  # doctest: +SKIP
     >>> new.layers["predicted_lower"], new.var["predicted_reliable"], new.obs["predicted_ood"]  # doctest: +SKIP
     """
-    from .. import __version__
-    from .._engine.calibration import fit_calibration
     from .._engine.methods import METHODS
-    from ._cv import _reads_tokens, prepare_folds, run_folds
+    from ._cv import _reads_tokens, run_folds
 
     fn = "sthist.tl.calibrate"
     check_adata(adata, fn=fn)
@@ -193,46 +246,72 @@ def calibrate(
     mat = layer_matrix(adata, layer, fn=fn, what="the expression the model was fitted on")
     if record:
         check_scale(adata, layer, mat, record, fn=fn, what="the model's predictions")
-    groupby, labels, how = _groups(
+    inputs = model.inputs
+    fit_kwargs = {**options}
+    if not inputs.finetuned:
+        fit_kwargs.update(pretrained=inputs.pretrained, checkpoint=inputs.checkpoint)
+    prep, how = leave_group_out_folds(
         adata,
         groupby=groupby,
         library_key=library_key,
         spatial_key=spatial_key,
         n_blocks=n_blocks,
-        seed=int(random_state),
+        random_state=int(random_state),
+        layer=layer,
+        genes=list(model.genes),
+        patches_key=patches_key,
+        features_key=features_key,
+        encoder=inputs.encoder,
+        fit_kwargs=fit_kwargs,
+        nonnegative=name in METHODS,
+        keep_patches=_reads_tokens([name]),
+        progress=progress,
         fn=fn,
     )
-    if library_key is None and groupby != BLOCKS:
-        library_key = C.SECTION_KEY if C.SECTION_KEY in adata.obs else groupby
-    inputs = model.inputs
-    fit_kwargs = {**options}
-    if not inputs.finetuned:
-        fit_kwargs.update(pretrained=inputs.pretrained, checkpoint=inputs.checkpoint)
-    with warnings.catch_warnings():  # within-patient groups are the point here, not a mislabelled benchmark
-        warnings.filterwarnings("ignore", message=".*labelled 'within\\s+patient'")
-        prep = prepare_folds(
-            adata,
-            groupby=groupby,
-            labels=labels,
-            layer=layer,
-            genes=list(model.genes),
-            patches_key=patches_key,
-            features_key=features_key,
-            encoder=inputs.encoder,
-            spatial_key=spatial_key,
-            library_key=library_key,
-            n_top=50,
-            fit_kwargs=fit_kwargs,
-            progress=progress,
-            nonnegative=name in METHODS,
-            keep_patches=_reads_tokens([name]),
-        )
     n_groups = len(prep.folds)
     kind = "a training" if name in METHODS else "a fit"
     start = info(f"calibrating {model.method!r}: {kind} per group, {n_groups} groups of {how}")
     runs = run_folds(
         prep, name, random_state=int(random_state), fit_kwargs=fit_kwargs, progress=progress, gene_spread=True
     )
+    model.calibration = calibration_from_folds(
+        model,
+        prep,
+        runs,
+        refit={"method": name, **options},
+        how=how,
+        layer=layer,
+        level=level,
+        min_r=min_r,
+        ood_alpha=ood_alpha,
+        random_state=int(random_state),
+    )
+    info(
+        f"    finished: {int(model.calibration.reliable.sum())} of {len(model.genes)} genes reliable (cross-validated "
+        f"r above {min_r} with 90 % confidence), intervals at {level:g}",
+        time=start,
+    )
+    return model
+
+
+def calibration_from_folds(
+    model: BaseModel,
+    prep: Any,
+    runs: Any,
+    *,
+    refit: dict[str, Any],
+    how: str,
+    layer: str | None,
+    level: float,
+    min_r: float,
+    ood_alpha: float,
+    random_state: int,
+    provenance: dict[str, Any] | None = None,
+) -> Any:
+    """The :class:`~sthist.tl.Calibration` of ``model`` from the out-of-group predictions ``runs`` of its folds."""
+    from .. import __version__
+    from .._engine.calibration import fit_calibration
+
     work = prep.work
     cols = work.var_names.get_indexer(list(model.genes))  # the folds' gene order is adata's; the model's may differ
     source: dict[str, Any] = (
@@ -247,7 +326,7 @@ def calibrate(
     per_group_r = np.stack([runs.per_gene[f].reindex(model.genes).to_numpy(dtype=float) for f in folds])
     per_group_n = np.array([prep.held_out_spots[f] for f in folds])
     use_spread = model.prediction == "retrieval" and runs.gene_spread is not None
-    cal = fit_calibration(
+    return fit_calibration(
         genes=list(model.genes),
         expression=np.asarray(work.X, dtype=np.float64)[:, cols],
         prediction=runs.oof[:, cols],
@@ -259,25 +338,19 @@ def calibrate(
         level=level,
         min_r=min_r,
         ood_alpha=ood_alpha,
-        random_state=int(random_state),
+        random_state=random_state,
         provenance={
-            "groupby": groupby,
+            "groupby": prep.groupby,
             "groups": folds,
             "spots_per_group": [int(v) for v in per_group_n],
             "how": how,
             "layer": "X" if layer is None else layer,
-            "refit": {"method": name, **{k: _plain(v) for k, v in options.items()}},
+            "refit": {k: _plain(v) for k, v in refit.items()},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "sthist": __version__,
+            **(provenance or {}),
         },
     )
-    model.calibration = cal
-    info(
-        f"    finished: {int(cal.reliable.sum())} of {len(cal.genes)} genes reliable (cross-validated r above "
-        f"{min_r} with 90 % confidence), intervals at {level:g}",
-        time=start,
-    )
-    return model
 
 
 def _plain(value: Any) -> Any:

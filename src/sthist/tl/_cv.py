@@ -9,6 +9,7 @@ section (the mean over sections, the primary numbers) and pooled over all held-o
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -300,15 +301,16 @@ def run_folds(
         if oof_spread is not None and model.prediction == "retrieval":
             oof_spread[test] = _fold_gene_spread(model, test_ad, prep, settings)
 
-        score_prediction(
-            test_ad,
-            layer="oof",
-            true_layer=None,  # what the fold's model was fitted on: the fold's expression (its X)
-            groupby="_library",
-            gene_sets=prep.gene_sets[fold],
-            n_top=prep.n_top,
-            key_added="s",
-        )
+        with _quiet():  # genes constant in a held-out section are expected here; the table says how many
+            score_prediction(
+                test_ad,
+                layer="oof",
+                true_layer=None,  # what the fold's model was fitted on: the fold's expression (its X)
+                groupby="_library",
+                gene_sets=prep.gene_sets[fold],
+                n_top=prep.n_top,
+                key_added="s",
+            )
         scores = test_ad.uns["s"]
         sections = pd.DataFrame.from_dict(dict(scores["per_group"]), orient="index")
         row: dict[str, Any] = {"fold": fold, "method": method, "seed": int(random_state), "split": prep.splits[fold]}
@@ -328,6 +330,19 @@ def run_folds(
         info(f"    {method!r} seed {random_state}, held out {fold!r}: {int(test.sum())} spots in {row['seconds']} s")
     has_spread = oof_spread is not None and np.isfinite(oof_spread).any()
     return FoldResults(pd.DataFrame(rows), oof, per_gene, oof_spread if has_spread else None)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Scanpy's log at errors only, for the duration (the folds' scoring logs per-fold warnings)."""
+    from scanpy import settings
+
+    before = settings.verbosity
+    settings.verbosity = 0
+    try:
+        yield
+    finally:
+        settings.verbosity = before
 
 
 def _fold_gene_spread(model: Any, test_ad: AnnData, prep: Folds, settings: dict[str, Any]) -> np.ndarray:

@@ -204,6 +204,13 @@ def predict_expression(
     if cal is not None:
         level = cal.level if level is None else float(level)
         cal.quantile(level)  # an uncalibrated level raises before any work
+    elif level is not None:
+        raise ValueError(
+            f"level={level!r} asks for prediction intervals, but this {model.method!r} model is not calibrated: run "
+            "`sthist.tl.calibrate(reference, model)` on its training data first (or fit it with "
+            "`sthist.tl.fit_recommended`, which calibrates)."
+        )
+
     result = model.predict(
         **inputs,
         coords=coords,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._dual_knn import fit_dual_knn
 from ._knn import fit_knn
+from ._recommended import fit_recommended
 from ._ridge import fit_ridge
 
 if TYPE_CHECKING:
@@ -35,12 +36,19 @@ class Predictor:
         return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-#: The recommended predictor (kind ``"recommended"``): what a method has to beat to be worth its cost.
-RECOMMENDED = "dual_knn"
+#: The recommended call (kind ``"recommended"``): the best of fast candidates on the user's data, calibrated.
+RECOMMENDED = "recommended"
+#: sthist's closed-form predictors (kind ``"closed-form"``), the recommended call's strongest candidate.
+CLOSED_FORM = ("dual_knn",)
 
-#: Predictors without contrastive training (name -> (description, fit function)): the controls every method must
-#: beat (kind ``"control"``), and ``dual_knn``, sthist's recommended predictor (kind ``"recommended"``).
+#: Predictors without contrastive training (name -> (description, fit function)): the recommended call, the controls
+#: every method must beat (kind ``"control"``) and ``dual_knn`` (kind ``"closed-form"``).
 BASELINES: dict[str, tuple[str, Callable[..., Any]]] = {
+    "recommended": (
+        "sthist's recommended call: dual_knn (both spaces or one), knn or ridge_gcv, whichever cross-validates best "
+        "on the training data, refitted and calibrated (intervals, reliable genes, shift flag)",
+        fit_recommended,
+    ),
     "ridge": ("HEST-Benchmark linear probe: standardise, PCA(256), ridge on frozen encoder features", fit_ridge),
     "ridge_gcv": (
         "The linear probe with its penalty chosen by generalised cross-validation (RidgeCV), not HEST's rule",
@@ -51,16 +59,16 @@ BASELINES: dict[str, tuple[str, Callable[..., Any]]] = {
         fit_knn,
     ),
     "dual_knn": (
-        "sthist's recommended predictor: neighbour-context retrieval in two spaces (the raw context features and "
-        "their ridge map onto the expression's principal components), fitted in a second on a CPU",
+        "Neighbour-context retrieval in two spaces (the raw context features and their ridge map onto the "
+        "expression's principal components), fitted in a second on a CPU: the recommended call's usual choice",
         fit_dual_knn,
     ),
 }
 
-#: The baselines that predict by retrieval of training profiles (the others regress).
+#: The baselines that predict by retrieval of training profiles (the others regress; the recommended call depends).
 _RETRIEVAL_BASELINES = ("knn", "dual_knn")
 #: The baselines that read spatial neighbours (coordinates and sections) at prediction.
-_SPATIAL_BASELINES = ("dual_knn",)
+_SPATIAL_BASELINES = ("dual_knn", "recommended")
 
 
 def predictors() -> dict[str, Predictor]:
@@ -68,9 +76,13 @@ def predictors() -> dict[str, Predictor]:
     from .. import tl
     from .._engine.methods import METHODS
 
+    def kind(name: str) -> str:
+        return "recommended" if name == RECOMMENDED else "closed-form" if name in CLOSED_FORM else "control"
+
+    order = {"recommended": 0, "closed-form": 1, "control": 2}
     out = {
-        name: Predictor(name, "recommended" if name == RECOMMENDED else "control", desc, fn)
-        for name, (desc, fn) in sorted(BASELINES.items(), key=lambda item: item[0] != RECOMMENDED)
+        name: Predictor(name, kind(name), desc, fn)
+        for name, (desc, fn) in sorted(BASELINES.items(), key=lambda item: order[kind(item[0])])
     }
     # the public function, looked up now, is what fits every contrastive method
     out.update(
@@ -114,8 +126,11 @@ def methods() -> pd.DataFrame:
     Returns
     -------
     A :class:`~pandas.DataFrame` indexed by ``name`` (the recommended predictor first) with columns ``kind``
-    (``'recommended'``: ``dual_knn``; ``'control'``: the predictors without training every method must beat,
-    ``'ridge'``, ``'ridge_gcv'`` and ``'knn'``; ``'contrastive'``: the contrastive methods), ``description``, ``prediction`` (``'retrieval'`` or ``'regression'``), ``needs_coords`` and, for contrastive
+    (``'recommended'``: :func:`~sthist.tl.fit_recommended`; ``'closed-form'``: ``dual_knn``; ``'control'``: the
+    predictors without training every method must beat, ``'ridge'``, ``'ridge_gcv'`` and ``'knn'``;
+    ``'contrastive'``: the contrastive methods), ``description``, ``prediction`` (``'retrieval'`` or
+    ``'regression'``; the recommended call's depends on its choice), ``needs_coords`` and, for contrastive
+
     methods, their published training recipe (``optimizer``, ``lr``, ``batch_size``, ``epochs``, ``select_on``)
     and retrieval defaults (``k``, ``weighting``). Pass a name as ``method=`` to :func:`sthist.tl.fit_contrastive`,
     :func:`sthist.tl.cross_validate` or the command line.
@@ -136,7 +151,11 @@ def methods() -> pd.DataFrame:
         cls = METHODS.get(name)
         if cls is None:
             row.update(
-                prediction="retrieval" if name in _RETRIEVAL_BASELINES else "regression",
+                prediction="retrieval"
+                if name in _RETRIEVAL_BASELINES
+                else "chosen"
+                if name == RECOMMENDED
+                else "regression",
                 needs_coords=name in _SPATIAL_BASELINES,
             )
         else:

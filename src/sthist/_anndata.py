@@ -33,8 +33,9 @@ def to_uns(obj: Any) -> Any:
     """Make a nested structure writable to h5ad: plain containers, str keys, no ``None``.
 
     Lists and tuples of numbers (or of booleans) become numpy arrays, empty ones empty arrays, numpy scalars Python
-    scalars, ``None`` the empty string; numpy arrays, strings and numbers (NaN included) are kept, other objects
-    become their ``str``.
+    scalars, ``None`` the empty string; numpy arrays, data frames, strings and numbers (NaN included) are kept, other
+    objects become their ``str``.
+
     """
     if isinstance(obj, dict):
         return {str(k): to_uns(v) for k, v in obj.items()}
@@ -51,6 +52,10 @@ def to_uns(obj: Any) -> Any:
     if obj is None:
         return ""
     if isinstance(obj, np.ndarray | str | int | float | bool):
+        return obj
+    import pandas as pd
+
+    if isinstance(obj, pd.DataFrame):  # h5ad stores data frames in uns
         return obj
     return str(obj)
 

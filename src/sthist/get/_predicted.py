@@ -84,6 +84,11 @@ def predicted(adata: AnnData, *, key: str = C.PREDICTED_KEY, drop_unpredicted: b
         frame = adata.obsm[key]
         values = frame.to_numpy()
         var = pd.DataFrame(index=pd.Index([str(g) for g in frame.columns]))
+        entry = adata.uns.get(key, {})
+        per_gene = entry.get("calibration", {}).get("per_gene") if isinstance(entry, dict) else None
+        if isinstance(per_gene, pd.DataFrame):  # a calibrated prediction's per-gene reliability
+            var = per_gene.reindex(var.index)
+
         for side in ("lower", "upper"):
             name = C.Key.interval(key, side)
             if name in adata.obsm and isinstance(adata.obsm[name], pd.DataFrame):
@@ -111,8 +116,9 @@ def predicted(adata: AnnData, *, key: str = C.PREDICTED_KEY, drop_unpredicted: b
     rows = np.flatnonzero(keep)
     obsm = {}
     for name, val in adata.obsm.items():
-        if name == key:
-            continue
+        if name in (key, C.Key.interval(key, "lower"), C.Key.interval(key, "upper")):
+            continue  # the prediction itself: it becomes X and the layers
+
         obsm[name] = val if rows.size == adata.n_obs else (val.iloc[rows] if hasattr(val, "iloc") else val[rows])
     out = ad.AnnData(
         X=values[rows],

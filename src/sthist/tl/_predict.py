@@ -306,7 +306,7 @@ def _write_predictions(
 
 def _gene_column(values: np.ndarray, col: np.ndarray, n_vars: int, fill: Any) -> np.ndarray:
     """Per-model-gene ``values`` placed at their columns ``col`` of an AnnData with ``n_vars`` genes (``fill`` else)."""
-    out = np.full(n_vars, fill, dtype=np.asarray(values).dtype if fill is not np.nan else np.float64)
+    out = np.full(n_vars, fill, dtype=bool if isinstance(fill, bool) else np.float64)
     found = col >= 0
     out[col[found]] = np.asarray(values)[found]
     return out
@@ -330,17 +330,26 @@ def _write_calibration(
     from .._engine.calibration import ShiftWarning
 
     pick = (lambda v: np.asarray(v)) if cols is None else (lambda v: np.asarray(v)[cols])
-    n_vars = target.n_vars
-    target.var[C.Key.cv_r(key)] = _gene_column(pick(cal.cv_r), var_idx, n_vars, np.nan)
-    target.var[C.Key.cv_r(key, "low")] = _gene_column(pick(cal.cv_r_low), var_idx, n_vars, np.nan)
-    target.var[C.Key.cv_r(key, "high")] = _gene_column(pick(cal.cv_r_high), var_idx, n_vars, np.nan)
-    target.var[C.Key.reliable(key)] = _gene_column(pick(cal.reliable), var_idx, n_vars, False).astype(bool)
-    target.var[C.Key.train_range(key)] = _gene_column(pick(cal.train_high - cal.train_low), var_idx, n_vars, np.nan)
+    per_gene = {
+        C.Key.cv_r(key): pick(cal.cv_r),
+        C.Key.cv_r(key, "low"): pick(cal.cv_r_low),
+        C.Key.cv_r(key, "high"): pick(cal.cv_r_high),
+        C.Key.reliable(key): pick(cal.reliable).astype(bool),
+        C.Key.train_range(key): pick(cal.train_high - cal.train_low),
+    }
     quantiles = pick(cal.quantiles.T) / pick(cal.quantile(level))[:, None]  # half-width at each level / at `level`
-    frame = pd.DataFrame(np.nan, index=target.var_names.copy(), columns=[f"{v:g}" for v in cal.levels])
+    level_names = [f"{v:g}" for v in cal.levels]
     found = var_idx >= 0
-    frame.iloc[var_idx[found], :] = quantiles[found]
-    target.varm[C.Key.interval_scale(key)] = frame
+    in_obsm = target.n_vars == 0  # a new slide predicted in place: its genes are not the AnnData's
+    if in_obsm:
+        per_gene_table = pd.DataFrame(per_gene, index=pd.Index(list(genes)))
+    else:
+        for column, values in per_gene.items():
+            fill = False if values.dtype == bool else np.nan
+            target.var[column] = _gene_column(values, var_idx, target.n_vars, fill)
+        frame = pd.DataFrame(np.nan, index=target.var_names.copy(), columns=level_names)
+        frame.iloc[var_idx[found], :] = quantiles[found]
+        target.varm[C.Key.interval_scale(key)] = frame
     score, ood = shift
     target.obs[C.Key.shift(key)] = score
     target.obs[C.Key.ood(key)] = np.asarray(ood, dtype=bool)
@@ -357,6 +366,9 @@ def _write_calibration(
         "unlike_calibration": bool(unlike),
         "provenance": cal.provenance,
     }
+    if in_obsm:  # the per-gene columns of var and varm, for the model's genes
+        summary["per_gene"] = per_gene_table
+        summary["interval_scale"] = pd.DataFrame(quantiles, index=pd.Index(list(genes)), columns=level_names)
     if unlike:
         warnings.warn(
             f"{100 * fraction:.0f} % of the {target.n_obs} spots are unlike the tissue the model was calibrated on "

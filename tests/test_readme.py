@@ -31,5 +31,11 @@ def test_readme_example(tmp_path, monkeypatch):
     assert summary["pcc_all"] > 0.05
     # scored against layers["targets"], the scale the model was fitted on (not the counts in X)
     assert query.uns["predicted_scores"]["params"]["true_layer"] == "targets"
-    assert (tmp_path / "dual_knn_her2st" / "config.json").is_file()
+    assert (tmp_path / "her2st_model" / "config.json").is_file()
+    # the recommended call chose on patient C and is calibrated; patient B draws the warning the README describes
+    model = ns["model"]
+    assert model.calibration.provenance["selection"]["chosen"] == "dual_knn"
+    assert "predicted_lower" in query.layers and query.uns["predicted"]["calibration"]["unlike_calibration"]
+    assert (tmp_path / "her2st_model" / "calibration.json").is_file()
+
 

@@ -47,20 +47,22 @@ def _mpp(text: str) -> float | None:
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fit",
-        help="fit a model (by default sthist's recommended dual_knn) on an .h5ad file",
+        help="fit a model (by default sthist's recommended call, calibrated) on an .h5ad file",
         description=(
             "Fit a model on reference spots: extracts patches if the file has none (by default 224 px at 1 µm/px, "
             "the recommended geometry), normalises the counts in X unless --layer names a prepared layer, and saves "
-            "the model folder. The default is the recommended configuration: dual_knn on hed-fast features."
+            "the model folder. The default is the recommended call: the best of dual_knn, knn and ridge_gcv on "
+            "hed-fast features by cross-validation on the file's sections (or spatial blocks of one section), "
+            "calibrated (prediction intervals, reliable genes, shift flag)."
         ),
     )
     p.add_argument("input", type=Path, help="reference .h5ad (Visium convention, counts in X)")
     p.add_argument("--out", type=Path, required=True, help="folder to save the model to")
     p.add_argument(
         "--method",
-        default="dual_knn",
-        help="a method of `sthist.tl.methods()`, e.g. dual_knn, knn, ridge_gcv, bleep or nh2st "
-        "(default: dual_knn, the recommended configuration)",
+        default="recommended",
+        help="a method of `sthist.tl.methods()`, e.g. recommended, dual_knn, knn, ridge_gcv, bleep or nh2st "
+        "(default: recommended, calibrated)",
     )
     p.add_argument("--layer", default=None, help="layer with the training targets (default: normalise X)")
     p.add_argument(

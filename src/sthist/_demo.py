@@ -46,9 +46,9 @@ def _plot_overview(adata, out: Path) -> list[str]:
     return ["spots.png", "patches.png"]
 
 
-#: What the demo fits: the recommended configuration, the two controls, and one contrastive method (its published
-#: recipe) to show that every method is one argument away. Name -> (registered method, layer of its prediction).
-DEMO_METHODS = {"dual_knn": "predicted", "knn": "knn", "ridge_gcv": "ridge_gcv", "bleep": "bleep"}
+#: What the demo fits: the recommended call (chosen on the training section and calibrated), the two controls, and
+#: one contrastive method (its published recipe), every one a registered name. Name -> layer of its prediction.
+DEMO_METHODS = {"recommended": "predicted", "knn": "knn", "ridge_gcv": "ridge_gcv", "bleep": "bleep"}
 
 
 def run_demo(
@@ -56,8 +56,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run sthist on :func:`sthist.datasets.toy` and write ``metrics.json`` and PNG figures into ``out``.
 
-    Two synthetic sections: the recommended configuration (``dual_knn`` on ``hed-fast`` features of 224 px patches
-    at 1 µm/px) is fitted on one and predicts the other, held out, next to the two controls every method must beat
+    Two synthetic sections: the recommended call (:func:`sthist.tl.fit_recommended` on ``hed-fast`` features of 224 px
+    patches at 1 µm/px: chosen by cross-validation on spatial blocks of the training section, and calibrated) is fitted
+    on one and predicts the other, held out, with 90 % intervals; beside it the two controls every method must beat
     (raw-feature kNN and the ridge probe with a cross-validated penalty) and BLEEP with its published recipe. Every
     prediction is scored against the expression its model was fitted on (``layers['targets']``).
 
@@ -147,8 +148,10 @@ def run_demo(
     _save(ax.figure, out / "scores.png")
     ax = st.pl.training_history(models["bleep"], show=False)
     _save(ax.figure, out / "training_history_bleep.png")
+    _save(st.pl.calibration(test, library_key="section", return_fig=True), out / "calibration.png")
     plt.close("all")
     figures += ["predicted_vs_true.png", "gene_correlation.png", "scores.png", "training_history_bleep.png"]
+    figures.append("calibration.png")
 
     summary = {
         "train": "toy_0",
@@ -156,7 +159,13 @@ def run_demo(
         "n_spots": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
         "patch_shape": list(adata.obsm["patches"].shape[1:]),
-        "recommended": "dual_knn",
+        "recommended": models["recommended"].calibration.provenance["selection"]["chosen"],
+        "intervals": {
+            k: round(float(test.uns["predicted_scores"]["summary"][k]), 4)
+            for k in ("coverage_all", "coverage_heg", "width_rel_heg", "adaptivity_heg")
+        },
+        "n_reliable_genes": int(test.var["predicted_reliable"].sum()),
+        "fraction_flagged": round(float(test.obs["predicted_ood"].mean()), 4),
         "truth": "layers['targets'] (normalize_expression flavor='log1p'), what every model was fitted on",
         # epochs are counted from 1, as in the training-history plot
         "bleep_best_epoch": int(models["bleep"].history["best_epoch"]) + 1,
@@ -170,7 +179,7 @@ def run_demo(
         "config": {
             "seed": seed,
             "quick": quick,
-            "encoder": models["dual_knn"].inputs.encoder,
+            "encoder": models["recommended"].inputs.encoder,
             "patch_size": 224,
             "mpp": 1.0,
             "methods": list(DEMO_METHODS),

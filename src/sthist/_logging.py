@@ -29,3 +29,16 @@ def hint(msg: str, **kwargs: Any):
 def warning(msg: str, **kwargs: Any):
     """Log a warning."""
     return _logg().warning(msg, **kwargs)
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """:func:`warnings.warn` attributed to the first caller outside sthist (the user's line), however deep the call."""
+    import sys
+    import warnings
+    from pathlib import Path
+
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

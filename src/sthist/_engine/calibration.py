@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,7 +354,8 @@ def _cv_r(per_group_r: np.ndarray, per_group_n: np.ndarray) -> tuple[np.ndarray,
     r = np.asarray(per_group_r, dtype=np.float64)
     n_groups = np.isfinite(r).sum(0)
     z = np.arctanh(np.clip(r, -0.999999, 0.999999))
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # genes without a finite r in two groups: handled below
         mean_r = np.nanmean(r, 0)
         zbar = np.nanmean(z, 0)
         between = np.where(n_groups >= 2, np.nanvar(z, 0, ddof=1), 0.0) if r.shape[0] >= 2 else np.zeros(r.shape[1])

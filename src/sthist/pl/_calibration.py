@@ -108,7 +108,9 @@ def calibration(
         ax_cov.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="nominal")
         ax_cov.plot(levels, curve["coverage_all"], "o-", label="all genes")
         ax_cov.plot(levels, curve["coverage_heg"], "s-", label=f"top {len(heg_names)} HEG")
-        lim = (min(0.4, float(np.min(levels)) - 0.05), 1.0)
+        lowest = min(float(np.min(levels)), float(np.min(curve["coverage_all"])), float(np.min(curve["coverage_heg"])))
+        lim = (max(0.0, min(0.4, lowest - 0.05)), 1.0)
+
         ax_cov.set(
             xlim=lim, ylim=(lim[0], 1.02), xlabel="nominal level", ylabel="coverage", title="coverage vs nominal"
         )

@@ -323,11 +323,10 @@ def _write_calibration(
     var_idx: np.ndarray,
 ) -> dict[str, Any]:
     """Per-gene reliability in ``var``, the shift score and flag in ``obs``, the slide summary (returned), a warning."""
-    import warnings
-
     import pandas as pd
 
     from .._engine.calibration import ShiftWarning
+    from .._logging import warn
 
     pick = (lambda v: np.asarray(v)) if cols is None else (lambda v: np.asarray(v)[cols])
     per_gene = {
@@ -370,12 +369,11 @@ def _write_calibration(
         summary["per_gene"] = per_gene_table
         summary["interval_scale"] = pd.DataFrame(quantiles, index=pd.Index(list(genes)), columns=level_names)
     if unlike:
-        warnings.warn(
+        warn(
             f"{100 * fraction:.0f} % of the {target.n_obs} spots are unlike the tissue the model was calibrated on "
             f"(obs[{C.Key.ood(key)!r}]; about {100 * cal.ood_alpha:g} % are expected of tissue like it): this slide as "
             "a whole differs (another organ, stain, scanner or patient?), so its intervals and reliable genes may not "
             "hold. Check the flagged regions, and calibrate on tissue like this one if you can.",
             ShiftWarning,
-            stacklevel=3,
         )
     return summary

@@ -61,8 +61,9 @@ def choose(per_fold: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     for c in labels:
         diff = (per_fold[best] - per_fold[c]).to_numpy(dtype=float)
         # two groups give one degree of freedom: no standard error to speak of, and the best mean is taken
-        se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size >= MIN_GROUPS_FOR_SE else 0.0
-        within = bool(diff.mean() <= se)
+        se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size >= MIN_GROUPS_FOR_SE else None
+        within = bool(diff.mean() <= (0.0 if se is None else se))
+
         if within and chosen is None:
             chosen = c
         rows.append(

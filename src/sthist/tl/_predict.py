@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import _constants as C
 from .._anndata import find_features, get_patches, patch_geometry, record, spatial_inputs
+from .._dask import resolve_client
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_choice, check_positive_int
@@ -65,6 +66,7 @@ def predict_expression(
     index: Literal["exact", "faiss-ivf"] = "exact",
     n_probe: int = 32,
     level: float | None = None,
+    client: Any = None,
     device: str | None = None,
     progress: bool = True,
     copy: bool = False,
@@ -114,6 +116,11 @@ def predict_expression(
     level
         Calibrated models (:func:`sthist.tl.calibrate`): the coverage of the intervals, one of the calibrated levels
         (``None``: the calibration's, 0.9 by default).
+    client
+        A :class:`dask.distributed.Client`: predict on its workers, one task per section (models that read spatial
+        neighbours) or per ``chunk_size`` spots, the model sent to every worker once; patches in a store written by
+        ``extract_patches(store=...)`` are read by each worker from the store. ``None`` predicts here. Results are
+        those of ``client=None``.
     device
         Torch device; ``None`` picks cuda, then mps, then cpu.
     {progress}
@@ -211,28 +218,23 @@ def predict_expression(
             "`sthist.tl.fit_recommended`, which calibrates)."
         )
 
-    result = model.predict(
-        **inputs,
-        coords=coords,
-        groups=groups,
-        k=settings.get("k", k),
-        weighting=settings.get("weighting", weighting),
-        chunk_size=chunk_size,
-        index=index,
-        n_probe=n_probe,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-        gene_spread=cal is not None and cal.uses_spread,
-    )
-    layers = {key_added: np.asarray(result.expression, dtype=np.float32)}
+    options = {
+        "k": settings.get("k", k),
+        "weighting": settings.get("weighting", weighting),
+        "chunk_size": chunk_size,
+        "index": index,
+        "n_probe": n_probe,
+        "batch_size": batch_size,
+        "device": device,
+    }
+    with resolve_client(client, 1, fn="sthist.tl.predict_expression") as run_on:
+        out = _predict(model, inputs, coords, groups, options, level, client=run_on, progress=progress)
+    layers = {key_added: out["expression"]}
     shift = None
     if cal is not None:
-        emb = model.embed_spots(**inputs, coords=coords, groups=groups, batch_size=batch_size, device=device)
-        lower, upper = cal.intervals(layers[key_added], emb, result.gene_spread, level)
-        layers[C.Key.interval(key_added, "lower")] = lower
-        layers[C.Key.interval(key_added, "upper")] = upper
-        shift = cal.shift(emb)
+        layers[C.Key.interval(key_added, "lower")] = out["lower"]
+        layers[C.Key.interval(key_added, "upper")] = out["upper"]
+        shift = (out["shift"], out["ood"])
     cols = None if genes is None else [model_genes.index(g) for g in genes]
     if cols is not None:
         layers = {name: values[:, cols] for name, values in layers.items()}
@@ -250,8 +252,8 @@ def predict_expression(
         "targets": model.inputs.targets,
     }
     target, written, var_idx = _write_predictions(adata, layers, model_genes, key_added=key_added, copy=copy)
-    if result.spread is not None and np.isfinite(result.spread).any():
-        target.obs[C.Key.spread(key_added)] = np.asarray(result.spread, dtype=np.float32)
+    if out["spread"] is not None and np.isfinite(out["spread"]).any():
+        target.obs[C.Key.spread(key_added)] = out["spread"]
     entry: dict[str, Any] = {"params": params}
     if cal is not None:
         entry["calibration"] = _write_calibration(target, cal, shift, level, key_added, model_genes, cols, var_idx)
@@ -259,6 +261,136 @@ def predict_expression(
     record(target, key_added, entry)
     info("    finished", time=start, deep=f"added\n    {written}")
     return target if copy else None
+
+
+def predict_block(
+    model: Any,
+    source: tuple[str, Any],
+    rows: np.ndarray | None,
+    coords: np.ndarray | None,
+    groups: np.ndarray | None,
+    options: dict[str, Any],
+    level: float | None,
+    progress: bool = False,
+) -> dict[str, np.ndarray | None]:
+    """Predict the spots ``rows`` (all when ``None``) of one source: the unit of work, here or on a Dask worker.
+
+    ``source`` is ``("features", array)``, ``("images", array)`` or ``("store", path)`` (a patch store written by
+    ``extract_patches(store=...)``, read by the worker itself). Returns the expression, the spread and, for a
+    calibrated model, the interval bounds, the shift score and the flag, all for ``rows``.
+    """
+    kind, data = source
+    if kind == "store":
+        from ..pp._store import read_store
+
+        data = read_store(data)
+        kind = "images"
+    if rows is not None:
+        data = data[rows]
+        coords = None if coords is None else coords[rows]
+        groups = None if groups is None else groups[rows]
+    if hasattr(data, "compute") and not isinstance(data, np.ndarray):
+        data = np.asarray(data.compute()) if rows is not None else data
+    inputs = {kind: data}
+    cal = model.calibration
+    result = model.predict(
+        **inputs,
+        coords=coords,
+        groups=groups,
+        progress=progress,
+        gene_spread=cal is not None and cal.uses_spread,
+        **options,
+    )
+    expression = np.asarray(result.expression, dtype=np.float32)
+    spread = None if result.spread is None else np.asarray(result.spread, dtype=np.float32)
+    out: dict[str, Any] = {"expression": expression, "spread": spread}
+    if cal is not None:
+        emb = model.embed_spots(
+            **inputs,
+            coords=coords,
+            groups=groups,
+            batch_size=options.get("batch_size", 256),
+            device=options.get("device"),
+        )
+        out["lower"], out["upper"] = cal.intervals(expression, emb, result.gene_spread, level)
+        out["shift"], out["ood"] = cal.shift(emb)
+    return out
+
+
+def _blocks(n: int, groups: np.ndarray | None, by_group: bool, size: int) -> list[np.ndarray]:
+    """Rows of every task: whole sections when the model reads spatial neighbours, else blocks of ``size`` rows."""
+    if by_group and groups is not None:
+        return [np.flatnonzero(groups == g) for g in dict.fromkeys(groups)]
+    if by_group:
+        return [np.arange(n)]
+    return [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _predict(
+    model: Any,
+    inputs: dict[str, Any],
+    coords: np.ndarray | None,
+    groups: np.ndarray | None,
+    options: dict[str, Any],
+    level: float | None,
+    *,
+    client: Any,
+    progress: bool,
+    store: str | None = None,
+) -> dict[str, Any]:
+    """Predict every spot: in this process, or as tasks on ``client`` (sections or row blocks), then assembled."""
+    ((kind, data),) = inputs.items()
+    if client is None:
+        return predict_block(model, (kind, data), None, coords, groups, options, level, progress=progress)
+    from .._dask import run_tasks
+
+    n = int(data.shape[0])
+    blocks = _blocks(n, groups, model.needs_neighbors, int(options.get("chunk_size", 4096)))
+    lazy = hasattr(data, "compute") and not isinstance(data, np.ndarray)
+    from_store = lazy and kind == "images" and store is not None  # every worker reads its rows from the store
+    if not from_store:
+        data = np.asarray(data.compute() if lazy else data)
+    tasks = [
+        (
+            ("store", store) if from_store else (kind, data[rows]),
+            rows if from_store else None,
+            None if coords is None else coords[rows],
+            None if groups is None else groups[rows],
+        )
+        for rows in blocks
+    ]
+    results = run_tasks(
+        client,
+        _block_task,
+        tasks,
+        weights=[len(r) for r in blocks],
+        progress=progress,
+        desc="predicting",
+        unit="spot",
+        shared={"model": model, "options": options, "level": level},
+    )
+    out: dict[str, Any] = {}
+    for name in results[0]:
+        first = results[0][name]
+        if first is None:
+            out[name] = None
+            continue
+        full = np.empty((n, *np.shape(first)[1:]), dtype=np.asarray(first).dtype)
+        for rows, res in zip(blocks, results, strict=True):
+            full[rows] = res[name]
+        out[name] = full
+    return out
+
+
+def _block_task(source, rows, coords, groups, *, model, options, level):
+    """One task of :func:`_predict` on a worker (module level, so that it pickles)."""
+    kind, data = source
+    if kind == "store":
+        from ..pp._store import read_store
+
+        data = np.asarray(read_store(data)[rows].compute())
+        kind = "images"
+    return predict_block(model, (kind, data), None, coords, groups, options, level)
 
 
 def _write_predictions(

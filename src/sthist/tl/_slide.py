@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import _constants as C
 from .._anndata import record, to_uns
+from .._dask import check_client
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_positive_int
@@ -103,6 +104,46 @@ def _predict_from_store(tiles, model, source, store, S, patch_mpp, library_id, p
     return out
 
 
+def _per_slide(name: str, value: Any, n: int) -> list[Any]:
+    """A setting given once for every slide, or a list of one per slide."""
+    if isinstance(value, list | tuple):
+        if len(value) != n:
+            raise ValueError(f"{_FN}: {name} gives {len(value)} values for {n} slides; give one, or one per slide.")
+        return list(value)
+    return [value] * n
+
+
+def _predict_slides(images: list[Any], model: Any, *, client: Any, progress: bool, **kw: Any) -> list[AnnData]:
+    """Every slide of a list, one task each: on the workers of ``client``, or one after the other here."""
+    from .._dask import run_tasks
+
+    if not images:
+        raise ValueError(f"{_FN}: the list of slides is empty.")
+    client = check_client(client, fn=_FN)
+    n = len(images)
+    if kw.get("store") is not None and not isinstance(kw["store"], list | tuple):
+        raise ValueError(f"{_FN}: with several slides, store= must be a list of one .zarr path per slide (or None).")
+    per_slide = {name: _per_slide(name, kw.pop(name), n) for name in ("mpp", "store", "tissue_mask", "library_id")}
+    model = resolve_model(None, model) if not isinstance(model, str | Path) else model
+    tasks = [(img, *(per_slide[name][i] for name in per_slide)) for i, img in enumerate(images)]
+    return run_tasks(
+        client,
+        _slide_task,
+        tasks,
+        progress=progress,
+        desc="slides",
+        unit="slide",
+        shared={"model": model, "options": kw},
+    )
+
+
+def _slide_task(image, mpp, store, tissue_mask, library_id, *, model, options):
+    """One slide of :func:`predict_slide` (module level, so that it pickles to a worker)."""
+    return predict_slide(
+        image, model, mpp=mpp, store=store, tissue_mask=tissue_mask, library_id=library_id, progress=False, **options
+    )
+
+
 @inject_docs
 def predict_slide(
     image: Any,
@@ -125,10 +166,11 @@ def predict_slide(
     chunk_size: int = DEFAULT_CHUNK,
     store: str | Path | None = None,
     batch_size: int = 64,
+    client: Any = None,
     device: str | None = None,
     progress: bool = True,
-) -> AnnData:
-    """Predict expression maps of a whole slide that has no spots.
+) -> AnnData | list[AnnData]:
+    """Predict expression maps of a whole slide that has no spots (or of a list of slides).
 
     :func:`sthist.pp.tile_tissue` covers the tissue with a grid of pseudo-spots; their patches are cut at the
     model's patch geometry in chunks of ``chunk_size`` pseudo-spots, each chunk is encoded with the model's frozen
@@ -144,8 +186,10 @@ def predict_slide(
     ----------
     image
         The slide: a path (TIFF / OME-TIFF, openslide formats, JPEG, PNG, SpatialData ``.zarr``), a numpy or dask
-        array (H, W, 3) uint8, a spatialdata image or ``SpatialData`` object (see :func:`sthist.pp.tile_tissue`).
+        array (H, W, 3) uint8, a spatialdata image or ``SpatialData`` object (see :func:`sthist.pp.tile_tissue`); or a
+        list of slides (with ``client=``, predicted in parallel on a Dask cluster).
     model
+
         A fitted model (:func:`sthist.tl.fit_contrastive`, :func:`sthist.tl.fit_ridge`) or the folder it was
         saved to.
     spot_diameter
@@ -176,13 +220,18 @@ def predict_slide(
         read them from a temporary store).
     batch_size
         Patches per forward pass of the encoder (and spots per forward pass of the model).
+    client
+        With a list of slides: a :class:`dask.distributed.Client` predicts one slide per task on its workers (each
+        in the bounded memory of one slide; the model is sent to every worker once, the slides read by path, so they
+        must be on storage every worker reads). ``None`` predicts the slides one after the other here.
     device
         Torch device; ``None`` picks cuda, then mps, then cpu.
     {progress}
 
     Returns
     -------
-    A new AnnData: the pseudo-spots of :func:`~sthist.pp.tile_tissue` (``obs``, ``obsm['spatial']``,
+    For a list of slides, a list of AnnData, one per slide (``mpp``, ``store``, ``tissue_mask`` and ``library_id`` may
+    be lists of one value per slide). For one slide, a new AnnData: the pseudo-spots of :func:`~sthist.pp.tile_tissue` (``obs``, ``obsm['spatial']``,
     ``uns['spatial']`` with the thumbnail) with the model's genes as variables, and
 
     ``X`` and ``layers['predicted' | key_added]``
@@ -210,6 +259,37 @@ def predict_slide(
     """
     if model is None:
         raise ValueError(f"{_FN} needs a model: pass a fitted model or the folder `model.save(dir)` wrote.")
+    if isinstance(image, list | tuple):
+        return _predict_slides(
+            list(image),
+            model,
+            client=client,
+            progress=progress,
+            spot_diameter=spot_diameter,
+            spacing=spacing,
+            mpp=mpp,
+            patch_size=patch_size,
+            patch_mpp=patch_mpp,
+            min_tissue=min_tissue,
+            tissue_mask=tissue_mask,
+            image_key=image_key,
+            library_id=library_id,
+            k=k,
+            weighting=weighting,
+            genes=genes,
+            level=level,
+            key_added=key_added,
+            chunk_size=chunk_size,
+            store=store,
+            batch_size=batch_size,
+            device=device,
+        )
+    if client is not None:
+        check_client(client, fn=_FN)
+        raise ValueError(
+            f"{_FN}: client= distributes a list of slides, one task per slide; for one slide pass it alone without "
+            "client (its pseudo-spots are predicted in bounded memory here), or a list."
+        )
     model_arg, model = model, resolve_model(None, model)
     chunk_size = check_positive_int("chunk_size", chunk_size)
     batch_size = check_positive_int("batch_size", batch_size)

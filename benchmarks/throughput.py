@@ -97,7 +97,7 @@ def ceiling_runner(args, dev, image_dim_probe):
         opt.zero_grad(set_to_none=True)
         with autocast(dev):
             f = fwd(x)
-            loss, _ = module.loss(Batch(img_feats=f.float(), expression=expr))
+            loss = sum(module.loss(Batch(img_feats=f.float(), expression=expr)).values())
         loss.backward()
         opt.step()
         return float(loss.detach())

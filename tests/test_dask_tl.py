@@ -103,5 +103,5 @@ def test_predict_slide_list_on_a_cluster_with_a_calibrated_model(client, tmp_pat
         st.tl.predict_slide(paths, model, store=[tmp_path / "a.zarr"], **kw)
     with pytest.raises(ValueError, match="list of slides"):
         st.tl.predict_slide(paths[0], model, client=client, **kw)
-    with pytest.raises(TypeError, match="dask.distributed.Client"):
+    with pytest.raises(TypeError, match=r"dask\.distributed\.Client"):
         st.tl.predict_slide(paths, model, client=object(), **kw)

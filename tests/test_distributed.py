@@ -174,3 +174,98 @@ def test_shards_cover_the_batch_once():
             joined = np.concatenate(parts)
             assert np.array_equal(joined[:n], np.arange(n))  # contiguous, in order
             assert (joined[n:] == n - 1).all()  # padding repeats the last row and is dropped after gathering
+
+
+# ---- resuming a data-parallel run --------------------------------------------------------------------------------------
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from sthist._engine import train
+
+    out, inputs = sys.argv[1], sys.argv[2]
+    rank = int(os.environ.get("RANK", "0"))
+    d = np.load(inputs)
+    common = dict(
+        method="bleep", expression=d["expression"], genes=[f"g{i}" for i in range(d["expression"].shape[1])],
+        images=d["images"], finetune=True, encoder="test_efficientnet_ln", augment=True, lr=1e-3, max_epochs=3,
+        batch_size=16, validation_fraction=0.2, device="cpu", random_state=3, progress=False,
+        method_kwargs={"projection_dim": 32}, checkpoint_every=1,
+    )
+
+
+    def save(model, name):
+        torch.save(
+            {"state": model._net.state_dict(), "history": model.history, "world": model.config["training"]["world_size"]},
+            os.path.join(out, f"{name}_{rank}.pt"),
+        )
+
+
+    class Crash(Exception):
+        pass
+
+
+    for step in sys.argv[3].split(","):
+        if step == "full":  # uninterrupted, with checkpoints
+            save(train.fit(**common, checkpoint_dir=os.path.join(out, "full")), "full")
+        elif step == "crash":  # every process stops right after the checkpoint of epoch 1 (rank 0 wrote it)
+            after_epoch = train._Checkpointer.after_epoch
+
+            def crash(self, state):
+                after_epoch(self, state)
+                if state.epoch == 1:
+                    raise Crash
+
+            train._Checkpointer.after_epoch = crash
+            try:
+                train.fit(**common, checkpoint_dir=os.path.join(out, "resumed"))
+            except Crash:
+                pass
+            train._Checkpointer.after_epoch = after_epoch
+        elif step == "resume":  # every process reads the checkpoint into a fresh fit (the generators scrambled)
+            torch.manual_seed(1000 + rank)
+            np.random.seed(1000 + rank)
+            save(train.fit(**common, checkpoint_dir=os.path.join(out, "resumed"), resume=True), "resumed")
+    """
+)
+
+
+def test_two_process_run_resumes_to_the_uninterrupted_model(tmp_path):
+    """Two gloo processes crash after the checkpoint of epoch 1, resume, and end with the uninterrupted model.
+
+    One launch (a torchrun start costs ~10 s here): the crash is an exception that leaves the fit on every process, the
+    resumed fit builds everything anew from the checkpoint rank 0 wrote. A real kill is tested in test_checkpoint.py.
+    """
+    import sthist as st
+
+    adata = st.datasets.toy(n_rows=6, n_cols=6, n_genes=8, seed=1)
+    st.pp.extract_patches(adata, patch_size=32, progress=False)
+    st.pp.normalize_expression(adata)
+    targets = adata.layers["targets"]
+    expression = np.asarray(targets.toarray() if hasattr(targets, "toarray") else targets, dtype=np.float32)
+    np.savez(tmp_path / "inputs.npz", images=np.asarray(adata.obsm["patches"]), expression=expression)
+    (tmp_path / "run.py").write_text(RESUME_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "inputs.npz"), "full,crash,resume"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise AssertionError(f"two-process run failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    import json
+
+    doc = json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())
+    assert doc["settings"]["world_size"] == 2 and doc["position"]["completed"]
+    full = [torch.load(tmp_path / f"full_{rank}.pt") for rank in (0, 1)]
+    resumed = [torch.load(tmp_path / f"resumed_{rank}.pt") for rank in (0, 1)]
+    for rank in (0, 1):
+        assert full[rank]["world"] == resumed[rank]["world"] == 2
+        assert resumed[rank]["history"]["resumed_from_epoch"] == 1
+        for key in ("train_loss", "val_loss", "stages", "best_epoch"):
+            assert resumed[rank]["history"][key] == full[rank]["history"][key], key
+        for name, w in full[rank]["state"].items():
+            assert torch.equal(resumed[rank]["state"][name], w), name  # the same processes' arithmetic: bitwise

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 from .. import _constants as C
 from .._anndata import fit_expression, get_patches, image_features, patch_geometry, record, spatial_inputs
 from .._constants import DEFAULT_ENCODER
@@ -58,6 +60,8 @@ def fit_contrastive(
     key_added: str = C.CONTRASTIVE_KEY,
     num_workers: int | None = None,
     compile: bool = False,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> ContrastiveModel:
     """Fit a contrastive model that aligns H&E patches with expression profiles.
 
@@ -126,9 +130,9 @@ def fit_contrastive(
     method_kwargs
         Settings of the method's configuration (e.g. ``dict(temperature=1.0, projection_dim=256)`` for BLEEP).
     save_dir
-        Also save the model to this folder (replacing a model saved there before) and record it in
-        ``adata.uns[key_added]['model_dir']``, so that :func:`sthist.tl.predict_expression` finds it in a later
-        session.
+        Also save the model to this folder (replacing a model saved there before; on rank 0 only under torchrun) and
+        record it in ``adata.uns[key_added]['model_dir']``, so that :func:`sthist.tl.predict_expression` finds it in a
+        later session. Checkpoints go to its sub-folder ``checkpoint``.
     key_added
         Key of the outputs in ``adata.obsm`` and ``adata.uns``.
     num_workers
@@ -138,6 +142,18 @@ def fit_contrastive(
         Fine-tuning: compile the image encoder with :func:`torch.compile` (slow first steps, faster long GPU runs).
         On CUDA, bf16 autocast, ``channels_last`` memory format (convolutional encoders) and pinned memory are
         automatic. Several GPUs: launch the script with ``torchrun`` (see the docs page "Training on GPUs").
+    checkpoint_every
+        Write a checkpoint into ``save_dir/checkpoint`` after every ``checkpoint_every`` epochs (and when training
+        ends): the weights, the optimiser, the epoch and stage, the best-so-far model selection, the loss history and
+        every random number generator, written atomically (the previous checkpoint stays valid until the new one is
+        complete). Needs ``save_dir``. ``None``: no checkpoints. See the docs page "Checkpoints and resuming".
+    resume
+        Continue from the checkpoint in ``save_dir/checkpoint`` that an interrupted call with the same arguments
+        wrote; the model equals that of an uninterrupted run (on a CPU, to the last bit). Without a checkpoint there,
+        training starts from the start (logged), so one command serves the first run and every restart. A
+        checkpoint of another configuration (method, plan, data, genes, seed) raises a :class:`ValueError` naming
+        what differs. The checkpoint is kept after a successful fit (``resume=True`` then trains nothing again);
+        delete the folder to reclaim its space.
 
     Returns
     -------
@@ -162,6 +178,7 @@ def fit_contrastive(
     """
     fn = "sthist.tl.fit_contrastive"
     check_adata(adata, fn=fn)
+    checkpoint_dir = _checkpoint_dir(save_dir, checkpoint_every, resume, fn=fn)
     from .._engine import train as engine
     from .._engine.methods import get_method
     from .._engine.plan import NO_EARLY_STOPPING, resolve_plan
@@ -228,12 +245,15 @@ def fit_contrastive(
         num_workers=num_workers,
         compile=compile,
         targets=targets,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
         **overrides,
     )
     img_emb = model.embed_images(**image_kw, coords=coords, groups=groups, device=device)
     expr_emb = model.embed_expression(expr, coords=coords, groups=groups, device=device)
-    if save_dir is not None:
-        model.save(save_dir, overwrite=True)
+    if save_dir is not None and _is_main_process():
+        model.save(save_dir, overwrite=True)  # under torchrun every process holds the same model: rank 0 writes it
 
     # everything succeeded: write into adata
     if feats is not None:
@@ -253,6 +273,8 @@ def fit_contrastive(
         "random_state": random_state,
         "num_workers": model.config["training"].get("num_workers", 0),
         "compile": bool(compile),
+        "checkpoint_every": None if checkpoint_every is None else int(checkpoint_every),
+        "resume": bool(resume),
         "config": model.config.get("method_config", {}),
         "plan": model.config["plan"],
         "inputs": model.inputs.to_dict(),
@@ -262,7 +284,10 @@ def fit_contrastive(
         key_added,
         {
             "params": params,
-            "history": {k: model.history[k] for k in ("train_loss", "val_loss", "best_epoch", "seconds")},
+            "history": {
+                k: model.history.get(k)
+                for k in ("train_loss", "val_loss", "best_epoch", "seconds", "resumed_from_epoch")
+            },
             **model_record(model, save_dir=save_dir),
         },
     )
@@ -278,3 +303,41 @@ def fit_contrastive(
 
 
 fit_contrastive.__doc__ = fit_contrastive.__doc__.replace("{methods}", METHODS_DOC)
+
+
+def _checkpoint_dir(save_dir: Any, checkpoint_every: Any, resume: Any, *, fn: str) -> Path | None:
+    """The checkpoint folder ``save_dir/checkpoint`` when checkpoints are written or read; bad settings raise."""
+    if checkpoint_every is not None:
+        if (
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, int | np.integer)
+            or checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"{fn}: checkpoint_every must be a positive integer (epochs between checkpoints) or None, got "
+                f"{checkpoint_every!r}."
+            )
+        if save_dir is None:
+            raise ValueError(
+                f"{fn}: checkpoint_every={checkpoint_every} writes checkpoints into save_dir/checkpoint; pass "
+                "save_dir= (a folder, e.g. save_dir='bleep_model'), or drop checkpoint_every."
+            )
+    if not isinstance(resume, bool | np.bool_):
+        raise TypeError(f"{fn}: resume must be True or False, got {resume!r}.")
+    if resume and save_dir is None:
+        raise ValueError(
+            f"{fn}: resume=True continues from the checkpoint in save_dir/checkpoint; pass the save_dir= of the "
+            "interrupted call."
+        )
+    if save_dir is None or (checkpoint_every is None and not resume):
+        return None
+    from .._engine.train import CHECKPOINT_DIR
+
+    return Path(save_dir) / CHECKPOINT_DIR
+
+
+def _is_main_process() -> bool:
+    """Whether this is rank 0 of a torchrun launch, or a plain process."""
+    from .._engine import distributed
+
+    return distributed.detect().is_main

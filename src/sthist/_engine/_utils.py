@@ -170,8 +170,8 @@ def check_float(
     return value
 
 
-def mean_pearson(pred: np.ndarray, true: np.ndarray) -> float:
-    """Mean over genes (columns) of the Pearson r between ``pred`` and ``true``.
+def mean_pearson(pred: np.ndarray, true: np.ndarray, top: int | None = None) -> float:
+    """Mean over genes (columns) of the Pearson r between ``pred`` and ``true`` (``top``: of the ``top`` highest r).
 
     Genes constant in either are skipped (NaN when all are).
     """
@@ -183,4 +183,7 @@ def mean_pearson(pred: np.ndarray, true: np.ndarray) -> float:
     ok = den > 0
     if not ok.any():
         return float("nan")
-    return float(((p * t).sum(0)[ok] / den[ok]).mean())
+    r = (p * t).sum(0)[ok] / den[ok]
+    if top is not None:
+        r = np.sort(r)[::-1][: int(top)]
+    return float(r.mean())

@@ -35,33 +35,66 @@ class FeatureScaler(nn.Module):
         return (x - self.mean) / self.std
 
 
-def draw_augmentation(n: int, generator: torch.Generator, *, square: bool = True) -> dict[str, torch.Tensor]:
+def draw_augmentation(
+    n: int, generator: torch.Generator, *, square: bool = True, spec: Any = None
+) -> dict[str, torch.Tensor]:
     """Draw the random numbers of :func:`augment_images` for ``n`` images (CPU tensors, in a fixed order).
 
-    Drawing and applying are separate so that data-parallel training can draw for the whole global batch on every
-    process (the same generator state everywhere) and apply only the rows of the local shard.
+    ``spec`` is the recipe's :class:`~sthist._engine.plan.Augment` (``None``: the default one). Drawing and applying
+    are separate so that data-parallel training can draw for the whole global batch on every process (the same
+    generator state everywhere) and apply only the rows of the local shard. The default draws the same numbers in
+    the same order as before recipes declared their augmentation.
     """
+    from .plan import Augment
+
+    spec = Augment() if spec is None else spec
     hflip = torch.rand(n, generator=generator) < 0.5
     vflip = torch.rand(n, generator=generator) < 0.5
-    rot = (
-        torch.randint(0, 4, (n,), generator=generator) if square else torch.randint(0, 2, (n,), generator=generator) * 2
-    )
-    jitter = torch.rand(n, 3, generator=generator) * 0.2 + 0.9
-    return {"hflip": hflip, "vflip": vflip, "rot": rot, "jitter": jitter}
+    if spec.rotation == "any":
+        angle = torch.rand(n, generator=generator) * 360.0
+    else:
+        quarter = (
+            torch.randint(0, 4, (n,), generator=generator)
+            if square
+            else torch.randint(0, 2, (n,), generator=generator) * 2
+        )
+        angle = quarter if spec.rotation == "quarter" else torch.zeros(n, dtype=quarter.dtype)
+    jitter = torch.rand(n, 3, generator=generator)
+    amount = torch.tensor(spec.jitter, dtype=jitter.dtype)
+    return {
+        "hflip": hflip & spec.hflip,
+        "vflip": vflip & spec.vflip,
+        "rot" if spec.rotation != "any" else "angle": angle,
+        "jitter": 1.0 - amount + 2.0 * amount * jitter,
+    }
+
+
+def _rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, 3, H, W) images by ``degrees`` (B,) about their centres, corners filled with 0 (black)."""
+    theta = torch.deg2rad(degrees.to(x.device, x.dtype))
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    zero = torch.zeros_like(cos)
+    affine = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(affine, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def apply_augmentation(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """Apply flips, rotations and colour jitter drawn by :func:`draw_augmentation` to (B, 3, H, W) images in [0, 1]."""
     dev = x.device
     hflip, vflip = params["hflip"].to(dev), params["vflip"].to(dev)
-    rot, jitter = params["rot"], params["jitter"].to(dev)
+    jitter = params["jitter"].to(dev)
     x = torch.where(hflip.view(-1, 1, 1, 1), x.flip(-1), x)
     x = torch.where(vflip.view(-1, 1, 1, 1), x.flip(-2), x)
-    out = x.clone()
-    for r in (1, 2, 3):
-        sel = (rot == r).nonzero().flatten().to(dev)
-        if sel.numel():
-            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+    if "angle" in params:
+        out = _rotate(x, params["angle"])
+    else:
+        rot = params["rot"]
+        out = x.clone()
+        for r in (1, 2, 3):
+            sel = (rot == r).nonzero().flatten().to(dev)
+            if sel.numel():
+                out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
     x = out * jitter[:, 0].view(-1, 1, 1, 1)  # brightness
     gray = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - gray) * jitter[:, 1].view(-1, 1, 1, 1) + gray  # contrast

@@ -557,6 +557,9 @@ class ContrastiveModel(BaseModel):
             encoder = build_image_encoder(inputs.encoder, pretrained=False)
             encoder.pretrained = inputs.pretrained
             encoder.checkpoint = inputs.checkpoint
+            # the input normalisation it was fine-tuned with (the recipe's; older models: the encoder's own)
+            encoder.set_normalisation(str(config.get("plan", {}).get("normalisation", "encoder")))
+
         # frozen token methods standardise their tokens; fine-tuned ones read the encoder's tokens as they are
         token_scaler = FeatureScaler(int(token_dim)) if token_dim and not inputs.finetuned else None
         net = _Net(method, scaler, encoder, token_scaler)

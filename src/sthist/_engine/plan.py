@@ -35,7 +35,12 @@ from typing import Any, Literal
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "step", "cosine")
-SELECTIONS = ("val_loss", "val_pearson")
+SELECTIONS = ("val_loss", "val_pearson", "val_pearson_top50")
+ROTATIONS = ("none", "quarter", "any")
+NORMALISATIONS = ("encoder", "imagenet", "unit")
+#: ImageNet's channel mean and standard deviation (torchvision's), for ``normalisation="imagenet"``.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 WHOLE_SECTION = "section"
 """``Stage.batch_size`` of stages whose batches are whole sections."""
 
@@ -202,6 +207,40 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Augment:
+    """The random changes made to every training patch when fine-tuning (drawn per patch, repeatable for a seed).
+
+    Attributes
+    ----------
+    hflip, vflip
+        Mirror left-right / top-bottom with probability 0.5.
+    rotation
+        ``"quarter"``: by 0, 90, 180 or 270 degrees (0 or 180 for non-square patches); ``"any"``: by an angle drawn
+        uniformly in [0, 360) (corners filled with black, as torchvision's ``rotate``); ``"none"``.
+    jitter
+        Brightness, contrast and saturation factors drawn uniformly in ``[1 - j, 1 + j]`` (torchvision's
+        ``ColorJitter(j, j, j)``; 0 leaves a property alone).
+    """
+
+    hflip: bool = True
+    vflip: bool = True
+    rotation: Literal["none", "quarter", "any"] = "quarter"
+    jitter: tuple[float, float, float] = (0.1, 0.1, 0.1)
+
+    def __post_init__(self):
+        for name in ("hflip", "vflip"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Augment.{name} must be True or False, got {getattr(self, name)!r}.")
+        _check_choice("Augment", "rotation", self.rotation, ROTATIONS)
+        jitter = tuple(self.jitter)
+        if len(jitter) != 3:
+            raise ValueError(f"Augment.jitter must be 3 numbers (brightness, contrast, saturation), got {jitter!r}.")
+        object.__setattr__(self, "jitter", tuple(_check_number("Augment", "jitter", j, minimum=0.0) for j in jitter))
+        if any(j >= 1 for j in self.jitter):
+            raise ValueError(f"Augment.jitter factors must be below 1, got {self.jitter}.")
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     """How a model learns; see the module docstring.
 
@@ -224,11 +263,22 @@ class TrainPlan:
     early_stopping_patience
         Stop a stage after this many epochs without a better validation score; ``None`` runs every epoch.
     select_on
-        ``"val_loss"`` (the lowest validation loss) or ``"val_pearson"`` (the highest mean Pearson r over genes of
+        ``"val_loss"`` (the lowest validation loss), ``"val_pearson"`` (the highest mean Pearson r over genes of
         the expression predicted for the validation spots: by retrieval from the training spots, or by the
-        method's regression head). The best epoch's weights are restored at the end of every stage.
+        method's regression head) or ``"val_pearson_top50"`` (the mean r of the 50 genes best predicted on the
+        validation spots, NH2ST's criterion). The best epoch's weights are restored at the end of every stage.
+    validation_by_group
+        Hold out ``validation_fraction`` of every section's spots (CMRCNet's split) instead of a fraction of all
+        spots drawn together.
     augment
-        Fine-tuning: flips, 90 degree rotations and colour jitter of the patches.
+        Fine-tuning: augment the patches (with :attr:`augmentation`).
+    augmentation
+        Fine-tuning: the :class:`Augment` applied to training patches (default: both flips, quarter turns and
+        +/- 10 % colour jitter; every published recipe declares its paper's).
+    normalisation
+        Fine-tuning: the patches' normalisation before the encoder: ``"encoder"`` (the encoder's own mean and
+        standard deviation, e.g. timm's pretrained configuration), ``"imagenet"`` (ImageNet's mean and standard
+        deviation) or ``"unit"`` (values in [0, 1], none). It stays with the model for prediction.
     drop_last
         Drop the incomplete last training batch of every epoch (BLEEP's ``drop_last=True``); batches of one section
         (``batch_by_group`` methods) always keep it.
@@ -241,9 +291,12 @@ class TrainPlan:
     stages: tuple[Stage, ...] = ()
     validation_fraction: float = 0.1
     early_stopping_patience: int | None = 10
-    select_on: Literal["val_loss", "val_pearson"] = "val_loss"
+    select_on: Literal["val_loss", "val_pearson", "val_pearson_top50"] = "val_loss"
     augment: bool = True
     drop_last: bool = True
+    validation_by_group: bool = False
+    augmentation: Augment = field(default_factory=Augment)
+    normalisation: Literal["encoder", "imagenet", "unit"] = "encoder"
 
     def __post_init__(self):
         if not isinstance(self.optimizer, Optim):
@@ -265,7 +318,10 @@ class TrainPlan:
         if self.early_stopping_patience is not None:
             _check_int("TrainPlan", "early_stopping_patience", self.early_stopping_patience)
         _check_choice("TrainPlan", "select_on", self.select_on, SELECTIONS)
-        for name in ("augment", "drop_last"):
+        if not isinstance(self.augmentation, Augment):
+            raise TypeError(f"TrainPlan.augmentation must be an Augment, got {type(self.augmentation).__name__}.")
+        _check_choice("TrainPlan", "normalisation", self.normalisation, NORMALISATIONS)
+        for name in ("augment", "drop_last", "validation_by_group"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TrainPlan.{name} must be True or False, got {getattr(self, name)!r}.")
 
@@ -297,6 +353,10 @@ class TrainPlan:
                 if s.get(key) is not None:
                     s[key] = tuple(s[key])
             stages.append(Stage(**s))
+        if isinstance(d.get("augmentation"), dict):
+            aug = dict(d.pop("augmentation"))
+            aug["jitter"] = tuple(aug.get("jitter", (0.1, 0.1, 0.1)))
+            d["augmentation"] = Augment(**aug)
         return cls(
             optimizer=Optim(**d.pop("optimizer", {})),
             schedule=Schedule(**d.pop("schedule", {})),

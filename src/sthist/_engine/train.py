@@ -130,10 +130,12 @@ class _Trainer:
         channels_last: bool = False,
         compile: bool = False,
         token_scaler=None,
+        augmentation=None,
     ):
         self.module, self.data, self.scaler, self.encoder = module, data, scaler, encoder
         self.token_scaler = token_scaler
         self.optimizer, self.augment, self.aug_gen = optimizer, augment, aug_gen
+        self.augmentation = augmentation  # the recipe's Augment (None: the default)
         self.device, self.ctx, self.channels_last = device, ctx, channels_last
         self.n_neighbors = module.n_neighbors
         self.finetune = encoder is not None
@@ -188,7 +190,7 @@ class _Trainer:
         x = images_to_tensor(images, self.device, non_blocking=True)
         if train and self.augment:
             # drawn for all rows of the global batch (the same on every process), applied to the local shard
-            params = draw_augmentation(n, self.aug_gen, square=x.shape[-1] == x.shape[-2])
+            params = draw_augmentation(n, self.aug_gen, square=x.shape[-1] == x.shape[-2], spec=self.augmentation)
             if self.ctx.active:
                 t_pos = torch.as_tensor(pos)
                 params = {k: v[t_pos] for k, v in params.items()}
@@ -406,7 +408,14 @@ def _split(inp: _Inputs) -> tuple[np.ndarray, np.ndarray, np.random.Generator, T
             "loss needs at least 2. Raise validation_fraction or set it to 0 (no early stopping)."
         )
     perm = rng.permutation(n)
-    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if plan.validation_by_group and vf > 0 and inp.codes is not None:
+        # a fraction of every section (CMRCNet's split): each section's spots in the order of the permutation
+        val = [perm[inp.codes[perm] == g][: round((inp.codes == g).sum() * vf)] for g in np.unique(inp.codes)]
+        val_idx = np.sort(np.concatenate(val))
+        train_idx = np.setdiff1d(np.arange(n), val_idx)
+        n_val = val_idx.size
+    else:
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     notes = []
     if plan.batch_size > train_idx.size:
         if inp.batch_given:
@@ -480,6 +489,7 @@ def _image_side(
                 f"encoder={encoder!r} is weight-free and has nothing to fine-tune; use finetune=False, or a timm model "
                 "such as encoder='resnet18'."
             )
+        enc.set_normalisation(inp.plan.normalisation)  # the paper's input normalisation (recorded in the plan)
         enc.to(dev)
         return _ImageSide(enc, None, {**enc.describe(), "finetuned": True}, int(enc.out_dim), None)
     if inp.images is not None:
@@ -609,6 +619,7 @@ def _build_trainer(
         optimizer=None,
         augment=bool(finetune and augment),
         aug_gen=torch.Generator().manual_seed(inp.random_state),
+        augmentation=inp.plan.augmentation,
         device=dev,
         ctx=inp.ctx if finetune else distributed.Context(rank=inp.ctx.rank),
         channels_last=channels_last,
@@ -847,8 +858,8 @@ def _bank_batch(plan: TrainPlan) -> int:
     return max(plan.batch_size, 256)
 
 
-def _val_pearson(run: _Run, outputs: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    """Mean Pearson r over genes of the expression predicted for the validation spots.
+def _val_pearson(run: _Run, outputs: list[tuple[np.ndarray, np.ndarray]], top: int | None = None) -> float:
+    """Mean Pearson r over genes of the expression predicted for the validation spots (``top``: of the ``top`` best).
 
     ``outputs`` holds ``(idx, out)`` of the validation batches: predicted expression (regression methods) or image
     embeddings (retrieval methods, then matched against a bank of the training spots' expression embeddings).
@@ -883,7 +894,7 @@ def _val_pearson(run: _Run, outputs: list[tuple[np.ndarray, np.ndarray]]) -> flo
             device=run.device,
             progress=False,
         )
-    return mean_pearson(out, run.expression[idx])
+    return mean_pearson(out, run.expression[idx], top=top)
 
 
 # ---- the training state and its checkpoints ------------------------------------------------------------------------
@@ -912,7 +923,7 @@ class Best:
 
 def _new_history(plan: TrainPlan) -> dict[str, Any]:
     history: dict[str, Any] = {"train_loss": [], "val_loss": [], "train_components": {}, "stages": []}
-    if plan.select_on == "val_pearson":
+    if plan.select_on.startswith("val_pearson"):
         history["val_pearson"] = []
     return history
 
@@ -1334,7 +1345,7 @@ def _run_epoch(run: _Run, state: TrainingState, epoch_items, bar) -> None:
     """One epoch of the current stage: train, validate, keep the best weights, decide on early stopping."""
     trainer, method_cls, dev = run.trainer, run.method_cls, run.device
     module, ctx, history, best = trainer.module, trainer.ctx, state.history, state.best
-    by_pearson = run.plan.select_on == "val_pearson"
+    by_pearson = run.plan.select_on.startswith("val_pearson")
     lr = state.lr()
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
@@ -1382,7 +1393,8 @@ def _run_epoch(run: _Run, state: TrainingState, epoch_items, bar) -> None:
         if trainer.module.training:
             trainer.train(False)
         with torch.no_grad():
-            r = distributed.broadcast_float(_val_pearson(run, outputs), ctx, dev)
+            top = 50 if run.plan.select_on == "val_pearson_top50" else None
+            r = distributed.broadcast_float(_val_pearson(run, outputs, top=top), ctx, dev)
         history["val_pearson"].append(r)
         score = -r
     if score < best.score:

@@ -159,6 +159,24 @@ class ImageEncoder(nn.Module):
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
 
+    def set_normalisation(self, name: str) -> ImageEncoder:
+        """Normalise inputs as a recipe says: ``"encoder"`` (its own mean and std, unchanged), ``"imagenet"`` or ``"unit"``.
+
+        Used when fine-tuning with a paper's input normalisation; the model records it and sets it again on loading.
+        """
+        from ..plan import IMAGENET_MEAN, IMAGENET_STD, NORMALISATIONS
+
+        if name not in NORMALISATIONS:
+            raise ValueError(f"normalisation={name!r} is not valid; choose one of {list(NORMALISATIONS)}.")
+        if name == "encoder":
+            return self
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if name == "imagenet" else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        dev = self._mean.device
+        self._mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
+        return self
+
     @property
     def weight_free(self) -> bool:
         """Whether the encoder has no trainable parameters (the deterministic descriptor)."""

@@ -18,9 +18,18 @@ the slides -> ``predict_expression`` on the other 20% (exact retrieval over the 
 wall times, peak resident memory of the process (``ru_maxrss`` of ``RUSAGE_SELF``) and of the largest worker
 process (``RUSAGE_CHILDREN``), the disk size of the stores, and the PCC. Stores are deleted after each size.
 
+With ``--dask``, instead, the scale-out of extraction and embedding on a Dask cluster: a cohort of ``--dask-size``
+spots runs ``extract_patches(store=..., client=...)`` -> ``embed_patches(store=..., client=...)`` on a
+``LocalCluster`` of 1 and 2 single-threaded worker processes (``--dask-workers``), ``--repeats`` times each, after
+one serial run (``client=None``) that is the reference: every run must give the same bytes. It reports the median
+wall time per stage, the speed-up over one worker, and per worker process the peak resident memory
+(``VmHWM``, read in the worker) and the largest RSS sampled every 0.2 s (psutil). Results:
+``results/cohort_dask.json``.
+
 Usage::
 
     python benchmarks/cohort.py [--sizes 10000 100000] [--workdir /tmp/sthist_cohort] [--jobs 2] [--threads 1]
+    python benchmarks/cohort.py --dask [--dask-size 10000] [--dask-workers 1 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -242,7 +251,15 @@ def child(args: argparse.Namespace) -> dict:
         n_jobs=args.jobs,
         progress=False,
     )
-    timed("embed_patches", st.pp.embed_patches, adata, store=stores["embeddings"], overwrite=True, progress=False)
+    timed(
+        "embed_patches",
+        st.pp.embed_patches,
+        adata,
+        encoder="hed-texture",
+        store=stores["embeddings"],
+        overwrite=True,
+        progress=False,
+    )
     timed("normalize_expression", st.pp.normalize_expression, adata)
     n_test = max(1, round(0.2 * n_slides))  # the last 20% of the slides (at least one) are held out
     test_slides = {p.stem for p in paths[n_slides - n_test :]}
@@ -315,6 +332,219 @@ def child(args: argparse.Namespace) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------------------ dask scale-out
+
+
+def _worker_peak() -> int:
+    """Peak resident memory of this (worker) process in bytes: ``VmHWM`` of its own address space.
+
+    Not ``ru_maxrss``: a worker is spawned by fork + exec, and Linux carries the forking process's peak into the
+    child's ``ru_maxrss``; ``VmHWM`` starts afresh at ``exec``.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _worker_warm_up() -> int:
+    """Import what the tasks import, so that the timed runs do not pay for it; return the worker's pid."""
+    import sthist.pp  # noqa: F401
+    from sthist._engine.encoders import build_image_encoder  # noqa: F401 - torch
+
+    return os.getpid()
+
+
+class _RssSampler:
+    """The largest RSS of some processes (by pid), sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.2):
+        import threading
+
+        import psutil
+
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak = dict.fromkeys(pids, 0)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, proc in self.procs.items():
+                try:
+                    self.peak[name] = max(self.peak[name], proc.memory_info().rss)
+                except Exception:  # a worker that is restarting
+                    pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _dask_runs(args, env: str, run, ref_patches, ref_emb) -> list[dict]:
+    """``--repeats`` timed runs on a local cluster of each of ``--dask-workers`` sizes (``env``: sthist's or dask's
+    default worker environment), interleaved (1, 2, 1, 2, ...) so that load from other processes hits every size
+    alike. Also the CPU seconds the workers got per run, and the load average."""
+    import contextlib
+    import statistics
+
+    import psutil
+    from distributed import Client, LocalCluster
+
+    from sthist._dask import local_client
+
+    @contextlib.contextmanager
+    def default_env_client(n):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster, set_as_default=False)
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()
+
+    def cpu(procs) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    with contextlib.ExitStack() as stack:
+        clusters = {}
+        for k in args.dask_workers:
+            t = time.perf_counter()
+            client = stack.enter_context((local_client if env == "sthist" else default_env_client)(k))
+            pids = client.run(_worker_warm_up)
+            clusters[k] = {
+                "client": client,
+                "pids": pids,
+                "procs": [psutil.Process(pid) for pid in pids.values()],
+                "startup": time.perf_counter() - t,
+                "warm_peak": client.run(_worker_peak),
+                "times": {"extract_patches": [], "embed_patches": [], "total": []},
+                "cpu": [],
+                "load": [],
+                "identical": True,
+                "sampler": stack.enter_context(_RssSampler(pids)),
+            }
+        for r in range(args.repeats):
+            for k, c in clusters.items():
+                c["load"].append(round(os.getloadavg()[0], 2))
+                before = cpu(c["procs"])
+                seconds, patches, emb = run(c["client"], f"w{k}")
+                c["cpu"].append(round(cpu(c["procs"]) - before, 2))
+                c["identical"] &= bool(np.array_equal(patches, ref_patches) and np.array_equal(emb, ref_emb))
+                for name, v in seconds.items():
+                    c["times"][name].append(round(v, 2))
+                print(f"  {env}: {k} worker(s), repeat {r + 1}: {seconds}", file=sys.stderr, flush=True)
+        out = []
+        for k, c in clusters.items():
+            peak = c["client"].run(_worker_peak)
+            out.append(
+                {
+                    "workers": k,
+                    "worker_env": env,
+                    "cluster_startup_seconds": round(c["startup"], 2),
+                    "seconds": c["times"],
+                    "median_seconds": {name: round(statistics.median(v), 2) for name, v in c["times"].items()},
+                    "worker_cpu_seconds": c["cpu"],
+                    "load_average_1min_at_start": c["load"],
+                    "identical_to_serial": c["identical"],
+                    "peak_rss_per_worker_bytes": sorted(int(v) for v in peak.values()),
+                    "peak_rss_per_worker_after_warm_up_bytes": sorted(int(v) for v in c["warm_peak"].values()),
+                    "max_sampled_rss_per_worker_bytes": sorted(int(v) for v in c["sampler"].peak.values()),
+                }
+            )
+    return out
+
+
+def dask_scaling(args: argparse.Namespace) -> dict:
+    """Extraction and embedding of one cohort serially and on LocalClusters of ``--dask-workers`` workers."""
+    import resource
+
+    import torch
+
+    import sthist as st
+
+    torch.set_num_threads(1)
+    if args.dask_size % (GRID * GRID):
+        raise SystemExit(f"--dask-size must be a multiple of {GRID * GRID} spots, got {args.dask_size}.")
+    n_slides = args.dask_size // (GRID * GRID)
+    workdir = Path(args.workdir)
+    paths = ensure_slides(workdir, n_slides, args.mpp, args.jobs)
+    base = build_adata(paths, args.mpp)
+    kw = {"patch_size": args.patch_size, "mpp": args.mpp, "library_key": "slide", "progress": False}
+
+    def run(client, tag: str) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        adata = base.copy()
+        stores = {k: workdir / f"dask_{k}_{tag}.zarr" for k in ("patches", "embeddings")}
+        t0 = time.perf_counter()
+        st.pp.extract_patches(adata, store=stores["patches"], overwrite=True, client=client, **kw)
+        t1 = time.perf_counter()
+        st.pp.embed_patches(
+            adata, encoder=args.encoder, store=stores["embeddings"], overwrite=True, client=client, progress=False
+        )
+        t2 = time.perf_counter()
+        patches = np.asarray(adata.obsm["patches"])
+        emb = np.asarray(adata.obsm[st.pp._embed.default_key(args.encoder)])
+        for p in stores.values():
+            shutil.rmtree(p, ignore_errors=True)
+        seconds = {"extract_patches": t1 - t0, "embed_patches": t2 - t1, "total": t2 - t0}
+        return seconds, patches, emb
+
+    print(f"serial reference ({args.dask_size} spots, {n_slides} slides)", file=sys.stderr, flush=True)
+    serial_seconds, ref_patches, ref_emb = run(None, "serial")
+    serial_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    runs = []
+    envs = ["sthist"] + (["dask default"] if args.compare_default_env else [])
+    for env in envs:
+        runs += _dask_runs(args, env, run, ref_patches, ref_emb)
+    for env in envs:
+        one = next((r for r in runs if r["workers"] == 1 and r["worker_env"] == env), None)
+        for r in runs:
+            if one is not None and r["worker_env"] == env:
+                r["speed_up_over_1_worker"] = {
+                    name: round(one["median_seconds"][name] / r["median_seconds"][name], 2)
+                    for name in one["median_seconds"]
+                }
+    return {
+        "benchmark": "cohort on dask: extract_patches + embed_patches with client=, LocalCluster of 1 and 2 workers",
+        "settings": {
+            "n_spots": int(args.dask_size),
+            "n_slides": n_slides,
+            "spots_per_slide": GRID * GRID,
+            "mpp": args.mpp,
+            "patch_size": args.patch_size,
+            "encoder": args.encoder,
+            "repeats": args.repeats,
+            "worker": (
+                "sthist._dask.local_client(k) (what n_jobs=k starts): LocalCluster(n_workers=k, threads_per_worker=1, "
+                "processes=True) without dask's MALLOC_TRIM_THRESHOLD_; 'dask default': the same with dask's "
+                "default worker environment; warm-up imports not timed"
+            ),
+            "tasks": "extraction: one slide per task; embedding: one block of 512 rows per task",
+            "slide_format": "tiled (256 px) JPEG TIFF, quality 90",
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "note": "a shared machine: other processes may run at the same time (see load_average_1min_at_start)",
+        },
+        "serial": {
+            "seconds": {name: round(v, 2) for name, v in serial_seconds.items()},
+            "peak_rss_main_bytes": int(serial_peak),
+        },
+        "runs": runs,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -329,11 +559,27 @@ def main() -> None:
     ap.add_argument("--patch-size", type=int, default=56)
     ap.add_argument("--no-ridge", dest="ridge", action="store_false", help="skip the ridge probe (extra memory)")
     ap.add_argument("--out", default=str(HERE / "results" / "cohort.json"))
+    ap.add_argument("--dask", action="store_true", help="measure extraction + embedding on LocalClusters instead")
+    ap.add_argument("--dask-size", type=int, default=10_000, help="spots of the --dask cohort")
+    ap.add_argument("--dask-workers", type=int, nargs="+", default=[1, 2], help="worker processes per cluster")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per cluster (--dask); the median is reported")
+    ap.add_argument("--encoder", default="hed-texture", help="encoder of the --dask runs")
+    ap.add_argument(
+        "--compare-default-env", action="store_true", help="--dask: also run workers with dask's default environment"
+    )
+    ap.add_argument("--dask-out", default=str(HERE / "results" / "cohort_dask.json"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args)))
+        return
+    if args.dask:
+        result = dask_scaling(args)
+        print(json.dumps(result, indent=1))
+        out = Path(args.dask_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
         return
     for size in args.sizes:
         if size % (GRID * GRID):

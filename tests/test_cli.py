@@ -221,7 +221,6 @@ def test_fit_options_of_another_method_say_what_it_takes(tmp_path, capsys):
     assert "method 'recommended'" in err and "does not take ['max_epochs']" in err
 
 
-
 def test_fit_dual_knn_uses_each_methods_default_encoder(tmp_path):
 
     import sthist as st

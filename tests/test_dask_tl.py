@@ -56,6 +56,10 @@ def test_workers_read_patches_from_the_store(client, toy_split, tmp_path):
     st.tl.predict_expression(serial, model, progress=False)
     st.tl.predict_expression(lazy, model, client=client, chunk_size=30, progress=False)
     np.testing.assert_allclose(serial.layers["predicted"], lazy.layers["predicted"], rtol=1e-6, atol=1e-6)
+    # a subset of the spots of a store: the workers read the subset's rows, not the store's first ones
+    sub = lazy[::3].copy()
+    st.tl.predict_expression(sub, model, client=client, chunk_size=10, progress=False, key_added="sub")
+    np.testing.assert_allclose(sub.layers["sub"], serial.layers["predicted"][::3], rtol=1e-6, atol=1e-6)
 
 
 def test_client_of_the_wrong_type(toy_split):

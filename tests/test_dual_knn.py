@@ -216,7 +216,6 @@ def test_registered_and_benchmarked(prepared_toy):
         table.index[0] == "recommended"
         and table.loc["recommended", "kind"] == "recommended"
         and table.loc["dual_knn", "kind"] == "closed-form"
-
         and bool(table.loc["dual_knn", "needs_coords"])
     )
     assert table.loc["dual_knn", "prediction"] == "retrieval" and table.loc["ridge_gcv", "prediction"] == "regression"

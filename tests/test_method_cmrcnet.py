@@ -75,8 +75,14 @@ def _shuffled_control(train, model, test, fit_kwargs, method_kwargs) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def split(toy_split):
-    return toy_split(1)
+def split():
+    """Two 16 x 16 toy sections: the authors' 20 % validation needs more spots than a 12 x 12 section gives."""
+    adata = st.datasets.toy(n_rows=16, n_cols=16, n_genes=40, n_sections=2, seed=1)
+    st.pp.extract_patches(adata, patch_size=48, library_key="section", progress=False)
+    st.pp.normalize_expression(adata)
+    st.pp.embed_patches(adata, progress=False)
+    sec = adata.obs["section"].to_numpy()
+    return adata[sec == "toy_0"].copy(), adata[sec == "toy_1"].copy()
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +118,9 @@ def test_registered_with_paper_defaults():
     assert (recipe.schedule.name, recipe.schedule.min_lr, recipe.schedule.warmup_epochs) == ("cosine", 1e-5, 0)
     assert (recipe.batch_size, recipe.max_epochs) == (64, 60)
     # the epoch with the lowest validation loss is kept, no early stopping
-    assert (recipe.validation_fraction, recipe.early_stopping_patience, recipe.select_on) == (0.1, None, "val_loss")
+    # a random 20 % of every training section's spots validates (splits.py), the lowest validation loss is kept
+    assert (recipe.validation_fraction, recipe.validation_by_group) == (0.2, True)
+    assert (recipe.early_stopping_patience, recipe.select_on) == (None, "val_loss")
     assert recipe.stages == ()
     assert CMRCNet.prediction_defaults == {"k": 50, "weighting": "average"}
     cfg = CMRCNet.Config()

@@ -53,7 +53,6 @@ EXTRA_POSITIONAL = {
     "sthist.tl.predict_expression": "model",
     "sthist.tl.predict_slide": "model",
     "sthist.tl.calibrate": "model",
-
     "sthist.pl.predicted_vs_true": "genes",
 }
 # plots that draw one panel and so take ``ax=``

@@ -37,5 +37,3 @@ def test_readme_example(tmp_path, monkeypatch):
     assert model.calibration.provenance["selection"]["chosen"] == "dual_knn"
     assert "predicted_lower" in query.layers and query.uns["predicted"]["calibration"]["unlike_calibration"]
     assert (tmp_path / "her2st_model" / "calibration.json").is_file()
-
-

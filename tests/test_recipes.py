@@ -34,6 +34,8 @@ PUBLISHED = {
         "validation_fraction": 0.2,
         "patience": None,
         "select_on": "val_loss",
+        "by_group": False,
+        "inputs": {"hflip": True, "vflip": True, "rotation": "quarter", "jitter": [0.0, 0.0, 0.0], "norm": "imagenet"},
         "retrieval": {"k": 50, "weighting": "average"},
     },
     "mclstexp": {
@@ -44,6 +46,8 @@ PUBLISHED = {
         "validation_fraction": 0.0,
         "patience": None,
         "select_on": "val_loss",
+        "by_group": False,
+        "inputs": {"hflip": True, "vflip": False, "rotation": "any", "jitter": [0.5, 0.5, 0.5], "norm": "unit"},
         "retrieval": {"k": 200, "weighting": "distance", "max_k_fraction": 1.0},
     },
     "nh2st": {
@@ -53,7 +57,9 @@ PUBLISHED = {
         "stages": [("main", 200, None)],
         "validation_fraction": 0.1,
         "patience": 20,
-        "select_on": "val_pearson",
+        "select_on": "val_pearson_top50",
+        "by_group": False,
+        "inputs": {"hflip": True, "vflip": True, "rotation": "quarter", "jitter": [0.0, 0.0, 0.0], "norm": "imagenet"},
         "retrieval": {},
     },
     "stgchb": {
@@ -64,6 +70,8 @@ PUBLISHED = {
         "validation_fraction": 0.0,
         "patience": None,
         "select_on": "val_loss",
+        "by_group": False,
+        "inputs": {"hflip": True, "vflip": True, "rotation": "quarter", "jitter": [0.0, 0.0, 0.0], "norm": "unit"},
         "retrieval": {"k": 50, "weighting": "average"},
     },
     "cmrcnet": {
@@ -71,9 +79,11 @@ PUBLISHED = {
         "schedule": "cosine",
         "batch_size": 64,
         "stages": [("main", 60, None)],
-        "validation_fraction": 0.1,
+        "validation_fraction": 0.2,
         "patience": None,
         "select_on": "val_loss",
+        "by_group": True,
+        "inputs": {"hflip": True, "vflip": True, "rotation": "quarter", "jitter": [0.0, 0.0, 0.0], "norm": "imagenet"},
         "retrieval": {"k": 50, "weighting": "average"},
     },
 }
@@ -108,6 +118,12 @@ def _plan_view(plan: dict) -> dict:
         "validation_fraction": plan["validation_fraction"],
         "patience": plan["early_stopping_patience"],
         "select_on": plan["select_on"],
+        "by_group": plan.get("validation_by_group", False),
+        "inputs": {
+            **{k: v for k, v in plan["augmentation"].items() if k != "jitter"},
+            "jitter": list(plan["augmentation"]["jitter"]),
+            "norm": plan["normalisation"],
+        },
     }
 
 

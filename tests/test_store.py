@@ -35,10 +35,11 @@ def _with_files(adata, tmp_path, fmt="png"):
     import tifffile
     from PIL import Image
 
-    for lib, entry in adata.uns["spatial"].items():
+    for i, (lib, entry) in enumerate(adata.uns["spatial"].items()):
         img = entry["images"].pop("fullres")
-        path = tmp_path / f"{lib}.{fmt}"
-        if fmt == "png":
+        fmt_i = ("png", "tif")[i % 2] if fmt == "mixed" else fmt
+        path = tmp_path / f"{lib}.{fmt_i}"
+        if fmt_i == "png":
             Image.fromarray(img).save(path)
         else:
             tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb")
@@ -99,32 +100,38 @@ def test_store_interleaved_obs_and_small_chunks(toy2, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(sub.obsm["patches"]), mem.obsm["patches"][::3])
 
 
-@pytest.mark.parametrize("fmt", ["png", "tif"])
-def test_parallel_extraction_equals_serial(toy2, tmp_path, fmt):
-    adata = _with_files(toy2, tmp_path, fmt)
+def test_n_jobs_extracts_on_a_local_cluster_with_the_serial_result(toy2, tmp_path, monkeypatch):
+    """n_jobs=2: a LocalCluster of two worker processes for the call, each opening its library's file (PNG, TIFF)."""
+    import sthist._dask as sd
+
+    adata = _with_files(toy2, tmp_path, "mixed")
     serial = adata.copy()
     st.pp.extract_patches(serial, patch_size=S, library_key="section", progress=False)
-    par = adata.copy()
-    st.pp.extract_patches(par, patch_size=S, library_key="section", n_jobs=2, progress=False)
-    assert isinstance(par.obsm["patches"], np.ndarray)
-    np.testing.assert_array_equal(par.obsm["patches"], serial.obsm["patches"])
-    np.testing.assert_array_equal(par.obs["patches_at_border"], serial.obs["patches_at_border"])
-    assert par.uns["patches"]["params"]["image_source"] == serial.uns["patches"]["params"]["image_source"]
+    started = []
+    original = sd.local_client
+    monkeypatch.setattr(sd, "local_client", lambda n: started.append(n) or original(n))
     st.pp.extract_patches(
         adata, patch_size=S, library_key="section", n_jobs=2, store=tmp_path / "par.zarr", progress=False
     )
+    assert started == [2]
     np.testing.assert_array_equal(np.asarray(adata.obsm["patches"]), serial.obsm["patches"])
     np.testing.assert_array_equal(adata.obs["patches_at_border"], serial.obs["patches_at_border"])
+    assert adata.uns["patches"]["params"]["image_source"] == serial.uns["patches"]["params"]["image_source"]
 
 
-def test_parallel_with_in_memory_images_falls_back_to_serial(toy2):
+def test_parallel_with_in_memory_images_falls_back_to_serial(toy2, monkeypatch):
+    """In-memory images cannot be read by path on a worker: no cluster is started, the result is the same."""
+    import sthist._dask as sd
+
+    monkeypatch.setattr(sd, "local_client", lambda n: pytest.fail("no cluster for in-memory images"))
     serial = toy2.copy()
     st.pp.extract_patches(serial, patch_size=S, library_key="section", progress=False)
     st.pp.extract_patches(toy2, patch_size=S, library_key="section", n_jobs=-1, progress=False)
     np.testing.assert_array_equal(toy2.obsm["patches"], serial.obsm["patches"])
 
 
-def test_failed_extraction_removes_store_and_leaves_adata(toy2, tmp_path, monkeypatch):
+def test_failed_extraction_keeps_store_for_resume_and_leaves_adata(toy2, tmp_path, monkeypatch):
+    """A failure keeps the store with the libraries finished so far (for resume=True); adata is left unchanged."""
     before = _snapshot(toy2)
     calls = {"n": 0}
     original = _patches._extract_library
@@ -139,8 +146,18 @@ def test_failed_extraction_removes_store_and_leaves_adata(toy2, tmp_path, monkey
     store = tmp_path / "p.zarr"
     with pytest.raises(RuntimeError, match="disk full"):
         st.pp.extract_patches(toy2, patch_size=S, library_key="section", store=store, progress=False)
-    assert not store.exists()
     assert _snapshot(toy2) == before
+    status = _store.store_status(store)
+    assert status.units == ["lib_0000", "lib_0001"] and status.done == {"lib_0000"}
+    assert (store / _store.DONE / "lib_0000" / "zarr.json").is_file()
+    with pytest.raises(ValueError, match="unfinished"):
+        st.pp.read_store(store)
+    monkeypatch.setattr(_patches, "_extract_library", original)
+    st.pp.extract_patches(toy2, patch_size=S, library_key="section", store=store, resume=True, progress=False)
+    mem = _base().copy()
+    st.pp.extract_patches(mem, patch_size=S, library_key="section", progress=False)
+    np.testing.assert_array_equal(np.asarray(toy2.obsm["patches"]), mem.obsm["patches"])
+    assert _store.store_status(store).complete
 
 
 @pytest.mark.parametrize(

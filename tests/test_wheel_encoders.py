@@ -60,7 +60,6 @@ def test_classifies_scikit_image_samples(classifier, image, label):
     assert int(prob.argmax()) == label and float(prob.max()) > 0.5
 
 
-
 def test_encoder_in_every_sthist_path(toy_split, tmp_path):
     enc = build_image_encoder("efficientnet-lite0", pretrained=True)
     assert enc.out_dim == 1280 and enc.mean == (0.5, 0.5, 0.5) and enc.describe()["checkpoint_sha256"]

@@ -38,10 +38,17 @@ def check_client(client: Any, *, fn: str) -> Any:
 
 @contextlib.contextmanager
 def local_client(n_jobs: int) -> Iterator[Any]:
-    """A :class:`distributed.Client` on a new local cluster of ``n_jobs`` single-threaded processes, closed after."""
+    """A :class:`distributed.Client` on a new local cluster of ``n_jobs`` single-threaded processes, closed after.
+
+    The workers run without dask's default ``MALLOC_TRIM_THRESHOLD_=65536``: setting it turns off glibc's adaptive
+    mmap threshold, so every large temporary array is mapped and unmapped afresh, which made the weight-free
+    encoders 1.5 to 1.7 times slower in a worker than in this process (``benchmarks/cohort.py --dask``).
+    """
+    import dask
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=int(n_jobs), threads_per_worker=1, processes=True, dashboard_address=None)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        cluster = LocalCluster(n_workers=int(n_jobs), threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(cluster)
     try:
         yield client
@@ -98,7 +105,7 @@ def run_tasks(
         futures = [client.submit(func, *task, **scattered, pure=False, retries=RETRIES) for task in tasks]
         index = {f.key: i for i, f in enumerate(futures)}
         try:
-            for fut in as_completed(futures):
+            for fut in as_completed(futures, loop=client.loop):  # not the default client: this one
                 i = index[fut.key]
                 results[i] = fut.result()
                 fut.release()
@@ -109,3 +116,51 @@ def run_tasks(
             client.cancel(futures)
             raise
     return results
+
+
+def is_lazy(array: Any) -> bool:
+    """Whether ``array`` is a dask collection (whose rows a worker can read itself, see :class:`LazyRows`)."""
+    return hasattr(array, "__dask_graph__") and not isinstance(array, type)
+
+
+class LazyRows:
+    """Rows ``start:stop`` of a dask array, for a task to read on its worker.
+
+    Holds the task graph of those rows only (culled: it names the chunks they touch, e.g. the zarr arrays of a store
+    by path, so a task stays a few kB whatever the size of the whole array); :meth:`read` computes it with the
+    synchronous scheduler in the worker, never through the cluster. An opaque object, so that
+    :meth:`distributed.Client.submit` sends it as it is rather than computing the collection first.
+    """
+
+    def __init__(self, array: Any, start: int, stop: int):
+        import dask
+
+        (self.array,) = dask.optimize(array[int(start) : int(stop)])
+        self.start, self.stop = int(start), int(stop)
+
+    def read(self) -> Any:
+        import numpy as np
+
+        return np.asarray(self.array.compute(scheduler="sync"))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class LazyTake:
+    """The rows ``rows`` (any index array) of a dask array, for a task to read on its worker (as :class:`LazyRows`)."""
+
+    def __init__(self, array: Any, rows: Any):
+        import dask
+        import numpy as np
+
+        self.rows = np.asarray(rows)
+        (self.array,) = dask.optimize(array[self.rows])
+
+    def read(self) -> Any:
+        import numpy as np
+
+        return np.asarray(self.array.compute(scheduler="sync"))
+
+    def __len__(self) -> int:
+        return int(self.rows.size)

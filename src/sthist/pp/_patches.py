@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import _constants as C
 from .._anndata import MPP_FROM_SPOT_DIAMETER, mpp_unknown_message, resolve_mpp
+from .._dask import check_client, resolve_client, run_tasks
 from .._docs import inject_docs
 from .._logging import info
 from .._validate import check_adata, check_positive_int, check_spatial, resolve_library
@@ -178,6 +179,8 @@ def extract_patches(
     key_added: str = C.PATCHES_KEY,
     store: str | os.PathLike | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    client: Any = None,
     n_jobs: int = 1,
     progress: bool = True,
     copy: bool = False,
@@ -209,6 +212,13 @@ def extract_patches(
     Keep the spots of a library contiguous in ``obs`` (e.g. concatenate sections): then the dask array is a plain
     concatenation of the library arrays; otherwise it is re-indexed into ``obs`` order, which reads more chunks.
 
+    Cohorts on a cluster: with ``client=`` (or ``n_jobs``) every library is one task that opens its image by path on
+    a worker, writes its own array of the store (or returns its patches when there is no store) and returns its
+    border flags; a task whose worker dies is run again elsewhere. A store records, atomically and per library, which
+    libraries are finished, and the parameters it was started with: after a crash, the same call with
+    ``resume=True`` extracts only the libraries that were not finished, and the store ends up byte for byte the
+    same as that of an uninterrupted run. Results are identical with and without a cluster.
+
     Parameters
     ----------
     {adata}
@@ -239,18 +249,31 @@ def extract_patches(
         Name of the outputs (see Returns).
     store
         A path ending in ``.zarr`` (created) to write the patches to instead of memory; ``None`` keeps them in
-        memory. Layout: one uint8 array per library (see the docs page "Cohorts that do not fit in memory"). If
-        the extraction fails, the store is removed again.
+        memory. Layout: one uint8 array per library, a completion marker per finished library (see the docs page
+        "Cohorts that do not fit in memory"). If the extraction fails or is killed, the store is **kept**, holding
+        the libraries finished so far, so that ``resume=True`` can finish it; :func:`sthist.pp.read_store` refuses
+        it until then, and a call without ``resume`` or ``overwrite`` says how to go on.
     overwrite
         Replace an existing zarr store at ``store`` (otherwise an existing path raises).
+    resume
+        Finish the store an interrupted run left at ``store``: check that this call's parameters are those the store
+        was started with (patch size, mpp and resampling, pad value, the libraries, their numbers of spots and
+        coordinates, the images), raising a ``ValueError`` that names every difference, then extract only the
+        libraries without a completion marker. A complete store is opened as it is; a missing one is created, so the
+        same call can be run again after a killed job. Not together with ``overwrite``.
+    client
+        A :class:`dask.distributed.Client` to extract on (e.g. of a ``dask_jobqueue.SLURMCluster``): one task per
+        library, each opening its image by path on a worker. The image paths (``image=`` paths or
+        ``uns['spatial'][library]['metadata']['source_image_path']``) and ``store`` must be readable (and the store
+        writable) on every worker, e.g. on a shared file system. Libraries whose image is held in memory (arrays,
+        ``uns[...]['images']['fullres']``, spatialdata objects) cannot be read by path: they are extracted in this
+        process, with a log message. ``None``: everything runs here (or on a local cluster, see ``n_jobs``).
     n_jobs
-        Processes extracting libraries in parallel (one library per task); ``-1`` uses all cores. Parallel
-        extraction needs every library's image as a file path (``image=`` paths or ``uns['spatial'][library]
-        ['metadata']['source_image_path']``), which each worker opens itself; images held in memory (arrays,
-        ``uns[...]['images']['fullres']``, spatialdata objects) are not copied to workers: then the libraries are
-        extracted one after the other, with a log message. Results are identical to ``n_jobs=1``.
+        Shorthand for a local cluster when ``client=None``: ``n_jobs > 1`` starts a :class:`dask.distributed.LocalCluster`
+        of that many single-threaded worker processes for this call (``-1``: one per core) and extracts libraries
+        on it as with ``client=``; only with two or more libraries that have image paths. Ignored with ``client=``.
     {progress}
-        With ``n_jobs > 1`` it advances by whole libraries.
+        On a cluster it advances by whole libraries.
     {copy}
 
     Returns
@@ -294,7 +317,8 @@ def extract_patches(
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
     n_jobs = check_n_jobs(n_jobs)
-    store_path = _store.check_store(store, overwrite=overwrite)
+    check_client(client, fn=_FN)
+    store_path = _store.check_store(store, overwrite=overwrite, resume=resume, kind="patches")
     coords = check_spatial(adata, key=spatial_key)
     libs, codes = _resolve_libraries(adata, library_key, library_id, image)
 
@@ -303,15 +327,15 @@ def extract_patches(
         + (f" at {mpp} µm/px" if mpp is not None else "")
         + f" from {len(libs)} image{'s' if len(libs) > 1 else ''}"
     )
-    n = adata.n_obs
-    with ExitStack() as stack:
+    opened: dict[int, ImageSource] = {}  # sources this call opened (closed at the end); one passed in stays open
+    try:
         # open and check every library's image before reading any pixel
         plans = []
         origins: dict[str, str | None] = {}
         for li, lib in enumerate(libs):
             src = _open_library(adata, lib, image, image_key, pad_value)
             if src is not (image.get(lib) if isinstance(image, dict) else image):
-                stack.enter_context(src)  # close what this call opened; an open source passed in stays open
+                opened[li] = src
             idx = np.flatnonzero(codes == li)
             entry = adata.uns.get(C.SPATIAL_KEY, {}).get(lib)
             source_mpp, origin = resolve_mpp(entry=entry, source_mpp=src.mpp)
@@ -354,18 +378,53 @@ def extract_patches(
             plans.append((lib, src, idx, source_mpp, R))
 
         paths = [_image_path(adata, lib, image, image_key) for lib in libs]
-        parallel = n_jobs > 1 and len(libs) > 1 and all(p is not None for p in paths)
-        if n_jobs > 1 and len(libs) > 1 and not parallel:
-            info(
-                f"    n_jobs={n_jobs} ignored: libraries {[lib for lib, p in zip(libs, paths, strict=True) if p is None]} "
-                "have in-memory images, which are not copied to worker processes; give image paths to extract in parallel"
-            )
         descriptions = {lib: src.description for lib, src, _, _, _ in plans}
-        if parallel:
-            stack.close()  # workers open the files themselves
-        patches, border = _run_extraction(
-            plans, paths if parallel else None, coords, S, n, n_jobs, pad_value, store_path, codes, libs, progress
-        )
+        run = _Run(plans, paths, coords, S, pad_value, store_path, progress)
+        if store_path is not None:
+            spec = _store_spec(S, mpp, pad_value, plans, paths, coords, codes)
+            if resume and store_path.exists():
+                run.done = _store.check_resume(store_path, kind="patches", spec=spec, fn=_FN)
+                run.sha = _store.spec_sha256(spec)
+                info(
+                    f"    resuming {str(store_path)!r}: {len(run.done)} of {len(libs)} libraries finished before, "
+                    f"{len(libs) - len(run.done)} to extract"
+                )
+            else:
+                order, inverse = _store.library_order(codes, len(libs))
+                run.sha = _store.create_patch_store(
+                    store_path,
+                    libs=libs,
+                    counts=[len(idx) for _, _, idx, _, _ in plans],
+                    order=order,
+                    inverse=inverse,
+                    S=S,
+                    spec=spec,
+                )
+        remote = [li for li in run.todo() if paths[li] is not None]
+        if client is None and n_jobs > 1 and len(remote) < len(run.todo()):
+            in_memory = [libs[li] for li in run.todo() if paths[li] is None]
+            info(
+                f"    libraries {in_memory} have in-memory images, which worker processes cannot read by path: "
+                "extracted in this process" + ("" if len(remote) > 1 else f" (n_jobs={n_jobs} unused)")
+            )
+        try:
+            with resolve_client(client, n_jobs if len(remote) > 1 else 1, fn=_FN) as run_on:
+                run.execute(run_on, remote, opened)
+        except BaseException as err:
+            if store_path is not None and store_path.exists():
+                status = _store.store_status(store_path)
+                note = (
+                    f"The store {str(store_path)!r} is kept ({status.progress()}): call extract_patches again with "
+                    "the same parameters and resume=True to extract only the rest, or overwrite=True to start over."
+                )
+                err.add_note(note)
+                info("    " + note)
+            raise
+    finally:
+        for src in opened.values():
+            src.close()
+    patches = run.patches if store_path is None else _store.open_patches(store_path)
+    border = run.border
 
     source_mpp = {lib: (None if m is None else float(m)) for lib, _, _, m, _ in plans}
     params = {
@@ -379,7 +438,7 @@ def extract_patches(
         "source_mpp_origin": origins,
         "source_patch_size": {lib: int(R) for lib, _, _, _, R in plans},
         "image_source": descriptions,
-        "resample": "none" if mpp is None else "PIL area (shrink) / bilinear (enlarge)",
+        "resample": _resample(mpp),
         "centre": "patch[S // 2, S // 2] is pixel (floor(x + 0.5), floor(y + 0.5))",
         "store": None if store_path is None else str(store_path),
     }
@@ -401,6 +460,56 @@ def extract_patches(
     return target if copy else None
 
 
+def _resample(mpp: float | None) -> str:
+    return "none" if mpp is None else "PIL area (shrink) / bilinear (enlarge)"
+
+
+def _store_spec(S, mpp, pad_value, plans, paths, coords, codes) -> dict:
+    """The parameters that define a patch store's content (compared on ``resume=True``)."""
+    return {
+        "format": _store.FORMAT,
+        "kind": "patches",
+        "patch_size": int(S),
+        "mpp": mpp,
+        "resample": _resample(mpp),
+        "pad_value": int(pad_value),
+        "libraries": [lib for lib, *_ in plans],
+        "n_spots": {lib: len(idx) for lib, _, idx, _, _ in plans},
+        "source_patch_size": {lib: int(R) for lib, _, _, _, R in plans},
+        "coords_sha256": {
+            lib: _store.sha256_of(np.asarray(coords[idx], dtype=np.float64)) for lib, _, idx, _, _ in plans
+        },
+        "obs_order_sha256": _store.sha256_of(np.asarray(codes, dtype=np.int64)),
+        "image": {
+            lib: (src.description if path is None else path[0] + ("" if path[1] is None else f" [{path[1]}]"))
+            for (lib, src, _, _, _), path in zip(plans, paths, strict=True)
+        },
+        "image_shape": {lib: [int(v) for v in src.shape] for lib, src, _, _, _ in plans},
+    }
+
+
+def _origins(xy: np.ndarray, S: int, R: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left source pixel of every patch: the edge at ``c + 0.5 - (S // 2 + 0.5) * R / S``, rounded half up.
+
+    For ``R == S`` exactly ``floor(c + 0.5) - S // 2``.
+    """
+    if R == S:
+        x0 = np.floor(xy[:, 0] + 0.5).astype(np.int64) - S // 2
+        y0 = np.floor(xy[:, 1] + 0.5).astype(np.int64) - S // 2
+    else:
+        f = R / S
+        x0 = np.floor(xy[:, 0] + 1.0 - (S // 2 + 0.5) * f).astype(np.int64)
+        y0 = np.floor(xy[:, 1] + 1.0 - (S // 2 + 0.5) * f).astype(np.int64)
+    return x0, y0
+
+
+def _at_border(xy: np.ndarray, S: int, R: int, shape: tuple[int, int]) -> np.ndarray:
+    """Whether each patch reaches beyond an image of ``shape`` (H, W): its border flag."""
+    H, W = shape
+    x0, y0 = _origins(xy, S, R)
+    return (x0 < 0) | (y0 < 0) | (x0 + R > W) | (y0 + R > H)
+
+
 def _extract_library(
     src: ImageSource,
     xy: np.ndarray,
@@ -412,18 +521,8 @@ def _extract_library(
     bar: Any,
 ) -> None:
     """Fill ``patches[idx]`` and ``border[idx]`` from one source (``R`` source pixels resized to ``S``)."""
-    H, W = src.shape
-    # top-left source pixel: the edge at c + 0.5 - (S // 2 + 0.5) * R / S, rounded half up
-    # (for R == S exactly floor(c + 0.5) - S // 2)
-    f = R / S
-    if R == S:
-        x0 = np.floor(xy[:, 0] + 0.5).astype(np.int64) - S // 2
-        y0 = np.floor(xy[:, 1] + 0.5).astype(np.int64) - S // 2
-    else:
-        x0 = np.floor(xy[:, 0] + 1.0 - (S // 2 + 0.5) * f).astype(np.int64)
-        y0 = np.floor(xy[:, 1] + 1.0 - (S // 2 + 0.5) * f).astype(np.int64)
-    at_border = (x0 < 0) | (y0 < 0) | (x0 + R > W) | (y0 + R > H)
-    border[idx] = at_border
+    x0, y0 = _origins(xy, S, R)
+    border[idx] = _at_border(xy, S, R, src.shape)
     if src.block_shape is not None:
         bh, bw = src.block_shape
         order = np.lexsort((np.maximum(x0, 0) // bw, np.maximum(y0, 0) // bh))  # row-major block order
@@ -445,7 +544,7 @@ def _extract_library(
         bar.update(1)
 
 
-# --------------------------------------------------------------------------------------------- chunked / parallel
+# --------------------------------------------------------------------------------------------- chunked / on a cluster
 
 
 def check_n_jobs(n_jobs: Any) -> int:
@@ -461,20 +560,28 @@ def check_n_jobs(n_jobs: Any) -> int:
 
 
 def _image_path(adata: AnnData, lib: str, image: Any, image_key: str | None) -> tuple[str, str | None] | None:
-    """The file (and element key) a worker process can open for ``lib``, or ``None`` for an in-memory image.
+    """The absolute file path (and element key) a worker can open for ``lib``, or ``None`` for an in-memory image.
 
     Follows the order of :func:`_open_library`.
     """
     if isinstance(image, dict):
         image = image[lib]
     if image is not None:
-        return (os.fspath(image), image_key) if isinstance(image, str | os.PathLike) else None
+        return (_absolute(image), image_key) if isinstance(image, str | os.PathLike) else None
     entry = adata.uns.get(C.SPATIAL_KEY, {}).get(lib, {})
     if (entry.get(C.IMAGES, {}) or {}).get(C.FULLRES) is not None:
         return None
     meta = entry.get(C.METADATA, {}) or {}
     path = meta.get(C.SOURCE_IMAGE_PATH)
-    return (str(path), meta.get(C.SOURCE_IMAGE_KEY) or image_key) if path is not None and str(path) != "" else None
+    if path is None or str(path) == "":
+        return None
+    return _absolute(path), meta.get(C.SOURCE_IMAGE_KEY) or image_key
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    """A local path made absolute (workers may run elsewhere); a URL stays as it is."""
+    text = os.fspath(path)
+    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
 
 
 def _rows_per_pass(S: int) -> int:
@@ -483,13 +590,14 @@ def _rows_per_pass(S: int) -> int:
     return _store.PATCH_CHUNK * max(1, _store.BUFFER_BYTES // per_chunk)
 
 
-def _extract_to_store(src: ImageSource, xy: np.ndarray, S: int, R: int, store: Any, name: str, bar: Any) -> np.ndarray:
+def _extract_to_store(
+    src: ImageSource, xy: np.ndarray, S: int, R: int, store: Any, name: str, bar: Any, step: int
+) -> np.ndarray:
     """Extract one library into its array ``name`` of the store; return the library's border flags.
 
-    A buffer of whole chunks is filled at a time, each buffer in tile order.
+    A buffer of ``step`` spots (whole chunks) is filled at a time, each buffer in tile order.
     """
     border = np.zeros(len(xy), dtype=bool)
-    step = _rows_per_pass(S)
     buf = np.empty((min(step, len(xy)), S, S, 3), dtype=np.uint8)
     for s in range(0, len(xy), step):
         e = min(s + step, len(xy))
@@ -503,81 +611,130 @@ class _NoBar:
         pass
 
 
-def _library_job(
-    path: str, image_key: str | None, pad_value: int, lib: str, xy: np.ndarray, S: int, R: int, store, name: str
+def _extract_unit(
+    source: Any,
+    pad_value: int,
+    lib: str,
+    xy: np.ndarray,
+    S: int,
+    R: int,
+    step: int,
+    store: Any,
+    name: str,
+    sha: str | None,
+    *,
+    bar: Any = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Worker process: extract one library from its file; write to ``store`` or return the patches."""
-    with open_image(path, image_key=image_key, pad_value=pad_value, what=f"the image of library {lib!r}") as src:
+    """One library, one task: extract it from ``source`` and return ``(border flags, patches or None)``.
+
+    ``source`` is ``("path", path, image_key)`` (a worker opens the file itself) or an open :class:`ImageSource`
+    (in this process). With a ``store`` the patches go to the library's array ``name``, a pass of ``step`` spots at a
+    time, and then its completion marker is written; nothing big is returned. Pure: run again, it writes the same
+    bytes.
+    """
+    bar = _NoBar() if bar is None else bar
+    with ExitStack() as stack:
+        if isinstance(source, tuple):
+            _, path, key = source
+            what = f"the image of library {lib!r}"
+            src = stack.enter_context(open_image(path, image_key=key, pad_value=pad_value, what=what))
+        else:
+            src = source
         if store is not None:
-            return _extract_to_store(src, xy, S, R, store, name, _NoBar()), None
+            border = _extract_to_store(src, xy, S, R, store, name, bar, step)
+            _store.mark_done(store, name, sha, library_id=lib, n_spots=len(xy), at_border=int(border.sum()))
+            return border, None
         border = np.zeros(len(xy), dtype=bool)
         out = np.empty((len(xy), S, S, 3), dtype=np.uint8)
-        _extract_library(src, xy, np.arange(len(xy)), S, R, out, border, _NoBar())
+        _extract_library(src, xy, np.arange(len(xy)), S, R, out, border, bar)
         return border, out
 
 
-def _run_extraction(plans, paths, coords, S, n, n_jobs, pad_value, store_path, codes, libs, progress):
-    """Extract every library (serially from the open sources, or in worker processes from ``paths``).
+class _Run:
+    """The libraries of one call, which of them are finished, and the outputs (border flags, in-memory patches)."""
 
-    Returns the patches (numpy, or a dask array over ``store_path``) and the border flags. A store created here is
-    removed again if anything fails.
-    """
-    from .._engine._utils import progress_bar
+    def __init__(self, plans, paths, coords, S, pad_value, store_path, progress):
+        self.plans, self.paths, self.coords, self.S = plans, paths, coords, S
+        self.pad_value, self.store_path, self.progress = pad_value, store_path, progress
+        n = len(coords)
+        self.border = np.zeros(n, dtype=bool)
+        self.patches = None if store_path is not None else np.empty((n, S, S, 3), dtype=np.uint8)
+        self.done: set[str] = set()
+        self.sha: str | None = None
+        self.step = _rows_per_pass(S)
 
-    border = np.zeros(n, dtype=bool)
-    patches = None
-    if store_path is not None:
-        order, inverse = _store.library_order(codes, len(libs))
-        _store.remove_store(store_path)  # check_store allowed it (overwrite=True) or it does not exist
-    try:
-        if store_path is not None:
-            counts = [len(idx) for _, _, idx, _, _ in plans]
-            _store.create_patch_store(store_path, libs=libs, counts=counts, order=order, inverse=inverse, S=S)
-        else:
-            patches = np.empty((n, S, S, 3), dtype=np.uint8)
-        with progress_bar(total=n, enabled=progress, desc="patches", unit="spot") as bar:
-            if paths is None:
-                for li, (lib, src, idx, _source_mpp, R) in enumerate(plans):
-                    if len(plans) > 1:
-                        bar.set_postfix_str(f"library {lib}")
-                    if store_path is None:
-                        _extract_library(src, coords[idx], idx, S, R, patches, border, bar)
-                    else:
-                        name = _store.array_name(li)
-                        border[idx] = _extract_to_store(src, coords[idx], S, R, store_path, name, bar)
-            else:
-                _parallel(plans, paths, coords, S, n_jobs, pad_value, store_path, patches, border, bar)
-    except BaseException:
-        if store_path is not None:
-            _store.remove_store(store_path)
-        raise
-    if store_path is not None:
-        patches = _store.open_patches(store_path)
-    return patches, border
+    def todo(self) -> list[int]:
+        return [li for li in range(len(self.plans)) if _store.array_name(li) not in self.done]
 
+    def _task(self, li: int, source: Any) -> tuple:
+        lib, _src, idx, _m, R = self.plans[li]
+        store = self.store_path
+        return (
+            source,
+            self.pad_value,
+            lib,
+            self.coords[idx],
+            self.S,
+            R,
+            self.step,
+            store,
+            _store.array_name(li),
+            self.sha,
+        )
 
-def _parallel(plans, paths, coords, S, n_jobs, pad_value, store_path, patches, border, bar) -> None:
-    """Run :func:`_library_job` for every library in a spawn process pool; progress advances per library."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    def _place(self, li: int, result: tuple) -> None:
+        idx = self.plans[li][2]
+        self.border[idx] = result[0]
+        if result[1] is not None:
+            self.patches[idx] = result[1]
 
-    workers = min(n_jobs, len(plans))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {}
-        for li, ((lib, _src, idx, _m, R), (path, key)) in enumerate(zip(plans, paths, strict=True)):
-            fut = pool.submit(
-                _library_job, path, key, pad_value, lib, coords[idx], S, R, store_path, _store.array_name(li)
+    def execute(self, client: Any, remote: list[int], opened: dict[int, ImageSource]) -> None:
+        """Extract every library not finished: ``remote`` ones as tasks on ``client``, the others here."""
+        from .._engine._utils import progress_bar
+
+        for li in range(len(self.plans)):  # finished before (resume): the flags follow from the geometry
+            if _store.array_name(li) in self.done:
+                lib, src, idx, _m, R = self.plans[li]
+                self.border[idx] = _at_border(self.coords[idx], self.S, R, src.shape)
+        todo = self.todo()
+        if client is None:
+            remote = []
+        elif todo:
+            local = [self.plans[li][0] for li in todo if li not in remote]
+            info(
+                f"    {len(remote)} libraries as tasks on the dask cluster"
+                + (
+                    f"; libraries {local} have in-memory images, which workers cannot read by path: extracted in this "
+                    "process (give image paths to extract them on the cluster)"
+                    if local
+                    else ""
+                )
             )
-            futures[fut] = idx
-        try:
-            for fut in as_completed(futures):
-                idx = futures[fut]
-                lib_border, lib_patches = fut.result()
-                border[idx] = lib_border
-                if lib_patches is not None:
-                    patches[idx] = lib_patches
-                bar.update(len(idx))
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+            for li in remote:  # workers open their files themselves
+                if li in opened:
+                    opened.pop(li).close()
+        if remote:
+            tasks = [self._task(li, ("path", *self.paths[li])) for li in remote]
+            run_tasks(
+                client,
+                _extract_unit,
+                tasks,
+                weights=[len(self.plans[li][2]) for li in remote],
+                progress=self.progress,
+                desc="patches",
+                unit="spot",
+                on_result=lambda i, res: self._place(remote[i], res),
+            )
+        local = [li for li in todo if li not in remote]
+        if not local:
+            return
+        total = sum(len(self.plans[li][2]) for li in local)
+        with progress_bar(total=total, enabled=self.progress, desc="patches", unit="spot") as bar:
+            for li in local:
+                lib, src, idx, _m, R = self.plans[li]
+                if len(self.plans) > 1:
+                    bar.set_postfix_str(f"library {lib}")
+                if self.store_path is None:
+                    _extract_library(src, self.coords[idx], idx, self.S, R, self.patches, self.border, bar)
+                else:
+                    self._place(li, _extract_unit(*self._task(li, src), bar=bar))

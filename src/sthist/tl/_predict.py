@@ -119,8 +119,8 @@ def predict_expression(
     client
         A :class:`dask.distributed.Client`: predict on its workers, one task per section (models that read spatial
         neighbours) or per ``chunk_size`` spots, the model sent to every worker once; patches in a store written by
-        ``extract_patches(store=...)`` are read by each worker from the store. ``None`` predicts here. Results are
-        those of ``client=None``.
+        ``extract_patches(store=...)`` are read by each worker from the store (the rows of its task only). ``None``
+        predicts here. Results are those of ``client=None``.
     device
         Torch device; ``None`` picks cuda, then mps, then cpu.
     {progress}
@@ -275,16 +275,11 @@ def predict_block(
 ) -> dict[str, np.ndarray | None]:
     """Predict the spots ``rows`` (all when ``None``) of one source: the unit of work, here or on a Dask worker.
 
-    ``source`` is ``("features", array)``, ``("images", array)`` or ``("store", path)`` (a patch store written by
-    ``extract_patches(store=...)``, read by the worker itself). Returns the expression, the spread and, for a
-    calibrated model, the interval bounds, the shift score and the flag, all for ``rows``.
+    ``source`` is ``("features", array)`` or ``("images", array)`` (numpy, or a lazy array read block by block).
+    Returns the expression, the spread and, for a calibrated model, the interval bounds, the shift score and the
+    flag, all for ``rows``.
     """
     kind, data = source
-    if kind == "store":
-        from ..pp._store import read_store
-
-        data = read_store(data)
-        kind = "images"
     if rows is not None:
         data = data[rows]
         coords = None if coords is None else coords[rows]
@@ -336,24 +331,21 @@ def _predict(
     *,
     client: Any,
     progress: bool,
-    store: str | None = None,
 ) -> dict[str, Any]:
     """Predict every spot: in this process, or as tasks on ``client`` (sections or row blocks), then assembled."""
     ((kind, data),) = inputs.items()
     if client is None:
         return predict_block(model, (kind, data), None, coords, groups, options, level, progress=progress)
-    from .._dask import run_tasks
+    from .._dask import LazyTake, is_lazy, run_tasks
 
     n = int(data.shape[0])
     blocks = _blocks(n, groups, model.needs_neighbors, int(options.get("chunk_size", 4096)))
-    lazy = hasattr(data, "compute") and not isinstance(data, np.ndarray)
-    from_store = lazy and kind == "images" and store is not None  # every worker reads its rows from the store
-    if not from_store:
-        data = np.asarray(data.compute() if lazy else data)
+    lazy = is_lazy(data)  # e.g. patches in a store: every worker reads its own rows
+    if not lazy:
+        data = np.asarray(data)
     tasks = [
         (
-            ("store", store) if from_store else (kind, data[rows]),
-            rows if from_store else None,
+            (kind, LazyTake(data, rows) if lazy else data[rows]),
             None if coords is None else coords[rows],
             None if groups is None else groups[rows],
         )
@@ -382,14 +374,11 @@ def _predict(
     return out
 
 
-def _block_task(source, rows, coords, groups, *, model, options, level):
-    """One task of :func:`_predict` on a worker (module level, so that it pickles)."""
+def _block_task(source, coords, groups, *, model, options, level):
+    """One task of :func:`_predict` on a worker (module level, so that it pickles); lazy rows are read here."""
     kind, data = source
-    if kind == "store":
-        from ..pp._store import read_store
-
-        data = np.asarray(read_store(data)[rows].compute())
-        kind = "images"
+    if hasattr(data, "read"):
+        data = data.read()
     return predict_block(model, (kind, data), None, coords, groups, options, level)
 
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
-from ..plan import Optim, TrainPlan
+from ..plan import Augment, Optim, TrainPlan
 from . import register
 from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
@@ -75,10 +75,13 @@ class BLEEP(Method):
         validation_fraction=0.2,
         early_stopping_patience=None,
         select_on="val_loss",
+        augmentation=Augment(jitter=(0.0, 0.0, 0.0)),
+        normalisation="imagenet",
     )
     """The authors' ``BLEEP_main.py``: AdamW (lr 1e-3, weight decay 1e-3), batch 256, 4 epochs on a random 80/20
     train/validation split, the epoch with the lowest validation loss kept (``bleep_es`` trains up to 100 epochs
-    with early stopping instead)."""
+    with early stopping instead). Fine-tuning inputs of their ``dataset.py``: flips and quarter turns, no colour
+    jitter, ImageNet's mean and standard deviation."""
     prediction_defaults: ClassVar[dict[str, Any]] = {"k": 50, "weighting": "average"}
     """``BLEEP_inference.ipynb``: the plain average of the 50 most similar reference spots."""
 

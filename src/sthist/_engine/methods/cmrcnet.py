@@ -69,7 +69,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..plan import Optim, Schedule, TrainPlan
+from ..plan import Augment, Optim, Schedule, TrainPlan
 from . import register
 from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
@@ -164,12 +164,17 @@ class CMRCNet(Method):
         schedule=Schedule("cosine", min_lr=1e-5),
         batch_size=64,
         max_epochs=60,
-        validation_fraction=0.1,
+        validation_fraction=0.2,
+        validation_by_group=True,
         early_stopping_patience=None,
         select_on="val_loss",
+        augmentation=Augment(jitter=(0.0, 0.0, 0.0)),
+        normalisation="imagenet",
     )
-    """The authors' ``config.py`` / ``train.py``: AdamW (lr 1e-4, weight decay 1e-3), cosine decay to 1e-5 over 60
-    epochs, batch 64, the epoch with the lowest validation loss kept (no early stopping)."""
+    """The authors' ``config.py`` / ``train.py`` / ``splits.py``: AdamW (lr 1e-4, weight decay 1e-3), cosine decay to
+    1e-5 over 60 epochs, batch 64, a random 20 % of every training section's spots held out for validation and the
+    epoch with the lowest validation loss kept (no early stopping). Fine-tuning inputs of their ``dataset.py``: flips
+    and quarter turns, no colour jitter, ImageNet's mean and standard deviation."""
     prediction_defaults: ClassVar[dict[str, Any]] = {"k": 50, "weighting": "average"}
     """The authors' ``inference.py``: plain average of the top 50 reference spots."""
 

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..plan import Optim, TrainPlan
+from ..plan import Augment, Optim, TrainPlan
 from . import register
 from ._base import Batch, Method, ProjectionHead, check_positive_ints
 
@@ -231,9 +231,13 @@ class MclSTExp(Method):
         validation_fraction=0.0,
         early_stopping_patience=None,
         drop_last=False,
+        augmentation=Augment(hflip=True, vflip=False, rotation="any", jitter=(0.5, 0.5, 0.5)),
+        normalisation="unit",
     )
     """The authors' ``train.py``: Adam (lr 1e-4, L2 weight decay 1e-3), shuffled batches of 128 spots of all training
-    sections, 90 epochs, no validation (the last epoch is saved)."""
+    sections, 90 epochs, no validation (the last epoch is saved). Fine-tuning inputs of their ``dataset.py``
+    (her2st): ``ColorJitter(0.5, 0.5, 0.5)``, horizontal flips, rotation by any angle, values in [0, 1] without
+    ImageNet normalisation."""
     prediction_defaults: ClassVar[dict[str, Any]] = {
         "k": RECOMMENDED_K,
         "weighting": RECOMMENDED_WEIGHTING,

@@ -93,7 +93,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..plan import WHOLE_SECTION, Optim, Stage, TrainPlan
+from ..plan import WHOLE_SECTION, Augment, Optim, Stage, TrainPlan
 from . import register
 from ._base import Batch, Method, ProjectionHead, check_positive_ints
 from .bleep import soft_clip_loss
@@ -266,10 +266,14 @@ class STGCHB(Method):
         stages=(_dgi_stage("image"), _dgi_stage("expression"), Stage("align", epochs=4, losses=("align", "hsic"))),
         validation_fraction=0.0,
         early_stopping_patience=None,
+        augmentation=Augment(jitter=(0.0, 0.0, 0.0)),
+        normalisation="unit",
     )
     """The authors' three stages (see the module docstring): image DGI and expression DGI on whole sections (50
     epochs each, Adam 1e-3), then 4 epochs of alignment + HSIC on batches of 16 spots (AdamW 1e-3, weight decay
-    1e-3); no validation, the last epoch kept."""
+    1e-3); no validation, the last epoch kept. Fine-tuning inputs of their ``Crop_patch.py``: flips and quarter
+    turns, no colour jitter, no normalisation (their 0-255 values are 255 times sthist's [0, 1]; their augmentation
+    is drawn once when the patches are cropped, sthist's at every epoch)."""
     prediction_defaults: ClassVar[dict[str, Any]] = {"k": 50, "weighting": "average"}
     """``ST-GCHB.ipynb``: raw dot products, the plain average of the top 50 reference spots."""
 

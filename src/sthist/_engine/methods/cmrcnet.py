@@ -51,8 +51,10 @@ Defaults (sources in the authors' repository github.com/ngfufdrdh/CMRCNet)
     and 2 passes in the fusion block (``models.py``), a 7 x 7 token grid (the ViT-B/32's patch tokens). Training
     (``recipe``): AdamW lr 1e-4, weight decay 1e-3, cosine decay to 1e-5 over 60 epochs (``WarmupCosineLR`` with no
     warm-up, i.e. ``CosineAnnealingLR``), batch 64, the epoch with the lowest validation loss kept (``train.py``);
-    the authors validate on separate samples, sthist on 10 % of the training spots. The paper trains on 224 x 224
-    patches with flips and 90 degree rotations (``dataset.py``); sthist's default is frozen ``hed-texture`` tokens.
+    both hold out a random 20 % of every training section's spots for validation (``splits.py``; sthist's draw is
+    seeded). The paper trains its ViT-B/32 from scratch on 224 x 224 patches with flips and 90 degree rotations and
+    ImageNet normalisation (``dataset.py``), the fine-tuning inputs of sthist's recipe; sthist's default is frozen
+    ``hed-fast`` tokens.
 
 Citation
     Liu, J., Eckstein, M., Wang, Z., Feuerhake, F., Merhof, D. Spatial transcriptomics expression prediction from

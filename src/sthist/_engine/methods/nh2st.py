@@ -46,8 +46,10 @@ Training recipe (``recipe``, the authors' ``configure_optimizers`` and ``README.
 -------------------------------------------------------------------------------------------------
 Adam (lr 5e-4, no weight decay) with ``StepLR(step_size=50, gamma=0.9)`` stepped per epoch, batch 8 (so the InfoNCE
 terms contrast each spot with 7 negatives), at most 200 epochs, early stopping after 20 epochs without a higher
-validation Pearson r (``monitor: R``) and the best of them kept (``select_on="val_pearson"``). The authors validate on
-the held-out test section; sthist validates on 10 % of the training spots, so that the test section is never seen.
+validation ``R`` (``monitor: R``: the mean Pearson r of the 50 best-predicted genes) and the best of them kept
+(``select_on="val_pearson_top50"``). The authors validate on the held-out test section; sthist validates on 10 % of
+the training spots, so that the test section is never seen. Fine-tuning inputs: flips and quarter turns, no colour
+jitter, ImageNet's mean and standard deviation.
 
 Departures (frozen encoder features instead of a fine-tuned ResNet-18)
 ----------------------------------------------------------------------

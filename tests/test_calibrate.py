@@ -223,3 +223,28 @@ def test_one_standard_error_rule():
     two = {k: v.iloc[:2] for k, v in per_fold.items()}  # two groups: no standard error, the best is taken
     two["flexible"] = pd.Series([0.32, 0.31], index=folds[:2])  # with 4 such groups it would be within 1 SE
     assert choose(two)[0] == "flexible"
+
+
+#: Small networks for the recipes' toy fits (a token grid that fits 48 px patches for CMRCNet).
+SMALL = {
+    "bleep": {"projection_dim": 32},
+    "mclstexp": {"projection_dim": 32},
+    "nh2st": {"embed_dim": 32, "hidden_dim": 32, "decoder_dim": 16},
+    "stgchb": {"projection_dim": 32, "image_hidden_dim": 32, "expression_hidden_dim": 32},
+    "cmrcnet": {"projection_dim": 32, "n_gene_tokens": 4, "token_grid": 3},
+}
+
+
+@pytest.mark.parametrize("method", list(SMALL))
+def test_every_published_recipe_can_be_calibrated(toy_split, method):
+    """calibrate refits the model's own configuration (its recipe, shortened to one epoch per stage) once per group."""
+    ref, query = toy_split(0)
+    kw = {"method": method, "layer": "targets", "library_key": "section", "max_epochs": 1, "progress": False}
+    model = st.tl.fit_contrastive(ref, method_kwargs=SMALL[method], **kw)
+    st.tl.calibrate(ref, model, n_blocks=3, progress=False)
+    cal = model.calibration
+    assert cal.provenance["refit"]["method"] == method and len(cal.provenance["groups"]) == 3
+    assert cal.uses_spread is (model.prediction == "retrieval")
+    st.tl.predict_expression(query, model, library_key="section", progress=False)
+    lo, hi = query.layers["predicted_lower"], query.layers["predicted_upper"]
+    assert np.isfinite(lo).all() and (hi >= lo).all() and "predicted_reliable" in query.var

@@ -314,11 +314,13 @@ def calibration_from_folds(
 
     work = prep.work
     cols = work.var_names.get_indexer(list(model.genes))  # the folds' gene order is adata's; the model's may differ
+    reads_patches = model.inputs.finetuned or model.inputs.tokens or prep.features_key is None
     source: dict[str, Any] = (
-        {"features": np.asarray(work.obsm[prep.features_key])}
-        if prep.features_key is not None
-        else {"images": work.obsm[C.PATCHES_KEY]}
+        {"images": work.obsm[C.PATCHES_KEY]}
+        if reads_patches
+        else {"features": np.asarray(work.obsm[prep.features_key])}
     )
+
     embedding = model.embed_spots(
         **source, coords=spot_coords(work), groups=work.obs["_library"].astype(str).to_numpy(), progress=False
     )

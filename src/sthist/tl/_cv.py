@@ -349,10 +349,11 @@ def _fold_gene_spread(model: Any, test_ad: AnnData, prep: Folds, settings: dict[
     """The per-gene spread of the profiles ``model`` retrieves for the held-out spots (the settings it predicted with)."""
     from .._anndata import spot_coords
 
-    if prep.features_key is not None:
+    if prep.features_key is not None and not (model.inputs.finetuned or model.inputs.tokens):
         source = {"features": np.asarray(test_ad.obsm[prep.features_key])}
-    else:
+    else:  # fine-tuned models and those that read token grids take the patches
         source = {"images": test_ad.obsm[C.PATCHES_KEY]}
+
     result = model.predict(
         **source,
         coords=spot_coords(test_ad),

@@ -203,22 +203,15 @@ class DualKNNModel(BaseModel):
         k = self.prediction_settings(k=k)["k"]
         x = self._features(images, features, device=device, progress=progress, batch_size=min(batch_size, 64))
         q_raw, q_learnt = self.embed(np.asarray(x, dtype=np.float64), coords, groups)
-        from .knn import iter_nearest
+        from .knn import RetrievedProfiles, iter_nearest
 
         queries = {"raw": (q_raw, self.bank), "learnt": (q_learnt, self.bank_learnt)}
         spaces = [iter_nearest(*queries[name], k, chunk_size) for name in self.spaces]
-        out = np.empty((q_raw.shape[0], len(self.genes)), dtype=np.float32)
-        spread = np.empty(q_raw.shape[0], dtype=np.float32)
-        per_gene = np.empty_like(out) if gene_spread else None
+        result = RetrievedProfiles(q_raw.shape[0], len(self.genes), gene_spread)
         for chunk in zip(*spaces, strict=True):  # the same query rows in every space
-            rows = chunk[0][0]
-            out[rows] = sum(self.expression[idx].mean(1).astype(np.float64) for _, idx in chunk) / len(chunk)
-            nb = self.expression[np.concatenate([idx for _, idx in chunk], axis=1)]
-            sd = nb.std(1)
-            spread[rows] = sd.mean(1)
-            if per_gene is not None:
-                per_gene[rows] = sd
-        return Prediction(out, spread, per_gene)
+            mean = sum(self.expression[idx].mean(1).astype(np.float64) for _, idx in chunk) / len(chunk)
+            result.add(chunk[0][0], self.expression[np.concatenate([idx for _, idx in chunk], axis=1)], mean)
+        return result.prediction()
 
     def embed_spots(
         self,

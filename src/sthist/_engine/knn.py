@@ -114,17 +114,10 @@ class KNNModel(BaseModel):
         k = self.prediction_settings(k=k)["k"]
         q = self.embed_spots(images=images, features=features, batch_size=batch_size, device=device, progress=progress)
         q = q.astype(np.float32)
-        out = np.empty((q.shape[0], len(self.genes)), dtype=np.float32)
-        spread = np.empty(q.shape[0], dtype=np.float32)
-        per_gene = np.empty_like(out) if gene_spread else None
+        result = RetrievedProfiles(q.shape[0], len(self.genes), gene_spread)
         for rows, idx in iter_nearest(q, self.bank, k, chunk_size):
-            nb = self.expression[idx]  # (q, k, g)
-            out[rows] = nb.mean(1)
-            sd = nb.std(1)
-            spread[rows] = sd.mean(1)
-            if per_gene is not None:
-                per_gene[rows] = sd
-        return Prediction(out, spread, per_gene)
+            result.add(rows, self.expression[idx])
+        return result.prediction()
 
     def embed_spots(
         self,
@@ -177,6 +170,29 @@ class KNNModel(BaseModel):
             ),
         )
         return attach_calibration(model, dir_path)
+
+
+class RetrievedProfiles:
+    """A :class:`Prediction` filled chunk by chunk from the expression profiles retrieved for the query spots."""
+
+    def __init__(self, n: int, n_genes: int, gene_spread: bool):
+        self.expression = np.empty((n, n_genes), dtype=np.float32)
+        self.spread = np.empty(n, dtype=np.float32)
+        self.gene_spread = np.empty_like(self.expression) if gene_spread else None
+
+    def add(self, rows: slice, profiles: np.ndarray, mean: np.ndarray | None = None) -> None:
+        """``profiles`` (rows, k, g): those retrieved for these rows; ``mean``: their prediction (default: the average).
+
+        The spread per spot is the mean over genes of the profiles' standard deviation per gene.
+        """
+        self.expression[rows] = profiles.mean(1) if mean is None else mean
+        sd = profiles.std(1)
+        self.spread[rows] = sd.mean(1)
+        if self.gene_spread is not None:
+            self.gene_spread[rows] = sd
+
+    def prediction(self) -> Prediction:
+        return Prediction(self.expression, self.spread, self.gene_spread)
 
 
 def iter_nearest(query: np.ndarray, bank: np.ndarray, k: int, chunk_size: int):

@@ -48,7 +48,7 @@ def fit_contrastive(
     weight_decay: float | None = None,
     validation_fraction: float | None = None,
     early_stopping_patience: int | Literal["recipe"] | None = "recipe",
-    select_on: Literal["val_loss", "val_pearson"] | None = None,
+    select_on: Literal["val_loss", "val_pearson", "val_pearson_top50"] | None = None,
     augment: bool | None = None,
     spatial_key: str = C.SPATIAL_KEY,
     library_key: str | None = None,
@@ -116,8 +116,11 @@ def fit_contrastive(
         keeps the plan's (20 for NH2ST, 10 for sthist's variants, none for the other published recipes);
         ``None`` trains every epoch.
     select_on
-        Model selection: ``'val_loss'`` or ``'val_pearson'``, the mean Pearson r over genes of the expression
-        predicted for the validation spots (``None``: the recipe's; NH2ST's is ``'val_pearson'``).
+        Model selection: ``'val_loss'``, ``'val_pearson'`` (the mean Pearson r over genes of the expression
+        predicted for the validation spots) or ``'val_pearson_top50'`` (the mean r of the 50 genes best predicted
+        on the validation spots). ``None``: the recipe's; NH2ST's is ``'val_pearson_top50'``, as in its authors'
+        code.
+
     augment
         Augment patches when fine-tuning (plan default True).
     spatial_key

@@ -1296,8 +1296,14 @@ class _Checkpointer:
         return load_file(str(file), device="cpu"), doc
 
 
-def _check_checkpointing(checkpoint_dir: Any, checkpoint_every: Any, resume: Any) -> int | None:
-    """Check the checkpoint arguments before any work; returns ``checkpoint_every`` as an int (or ``None``)."""
+def check_checkpointing(
+    folder: Any, checkpoint_every: Any, resume: Any, *, fn: str = "fit", folder_arg: str = "checkpoint_dir"
+) -> int | None:
+    """Check the checkpoint arguments before any work; returns ``checkpoint_every`` as an int (or ``None``).
+
+    ``folder`` is the value of the caller's argument ``folder_arg`` (the engine's ``checkpoint_dir``,
+    :func:`sthist.tl.fit_contrastive`'s ``save_dir``); ``fn`` names the caller in the messages.
+    """
     if checkpoint_every is not None:
         if (
             isinstance(checkpoint_every, bool)
@@ -1305,17 +1311,22 @@ def _check_checkpointing(checkpoint_dir: Any, checkpoint_every: Any, resume: Any
             or checkpoint_every < 1
         ):
             raise ValueError(
-                f"checkpoint_every must be a positive integer (epochs between checkpoints), got {checkpoint_every!r}."
+                f"{fn}: checkpoint_every must be a positive integer (epochs between checkpoints) or None, got "
+                f"{checkpoint_every!r}."
             )
-        if checkpoint_dir is None:
+        if folder is None:
             raise ValueError(
-                f"checkpoint_every={checkpoint_every} needs checkpoint_dir= (the folder the checkpoints are written to)."
+                f"{fn}: checkpoint_every={checkpoint_every} writes checkpoints into a folder; pass {folder_arg}= (e.g. "
+                f"{folder_arg}='bleep_model'), or drop checkpoint_every."
             )
         checkpoint_every = int(checkpoint_every)
     if not isinstance(resume, bool | np.bool_):
-        raise TypeError(f"resume must be True or False, got {resume!r}.")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir= (the folder an interrupted run wrote its checkpoints to).")
+        raise TypeError(f"{fn}: resume must be True or False, got {resume!r}.")
+    if resume and folder is None:
+        raise ValueError(
+            f"{fn}: resume=True continues from the checkpoint an interrupted run wrote; pass the {folder_arg}= of the "
+            "interrupted call."
+        )
     return checkpoint_every
 
 
@@ -1619,7 +1630,8 @@ def fit(
     from .._logging import info
 
     start_time = time.perf_counter()
-    checkpoint_every = _check_checkpointing(checkpoint_dir, checkpoint_every, resume)
+    checkpoint_every = check_checkpointing(checkpoint_dir, checkpoint_every, resume)
+
     run = _prepare(
         method=method,
         expression=expression,

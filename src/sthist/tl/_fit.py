@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from .. import _constants as C
 from .._anndata import fit_expression, get_patches, image_features, patch_geometry, record, spatial_inputs
 from .._constants import DEFAULT_ENCODER
@@ -310,32 +308,11 @@ fit_contrastive.__doc__ = fit_contrastive.__doc__.replace("{methods}", METHODS_D
 
 def _checkpoint_dir(save_dir: Any, checkpoint_every: Any, resume: Any, *, fn: str) -> Path | None:
     """The checkpoint folder ``save_dir/checkpoint`` when checkpoints are written or read; bad settings raise."""
-    if checkpoint_every is not None:
-        if (
-            isinstance(checkpoint_every, bool)
-            or not isinstance(checkpoint_every, int | np.integer)
-            or checkpoint_every < 1
-        ):
-            raise ValueError(
-                f"{fn}: checkpoint_every must be a positive integer (epochs between checkpoints) or None, got "
-                f"{checkpoint_every!r}."
-            )
-        if save_dir is None:
-            raise ValueError(
-                f"{fn}: checkpoint_every={checkpoint_every} writes checkpoints into save_dir/checkpoint; pass "
-                "save_dir= (a folder, e.g. save_dir='bleep_model'), or drop checkpoint_every."
-            )
-    if not isinstance(resume, bool | np.bool_):
-        raise TypeError(f"{fn}: resume must be True or False, got {resume!r}.")
-    if resume and save_dir is None:
-        raise ValueError(
-            f"{fn}: resume=True continues from the checkpoint in save_dir/checkpoint; pass the save_dir= of the "
-            "interrupted call."
-        )
+    from .._engine.train import CHECKPOINT_DIR, check_checkpointing
+
+    check_checkpointing(save_dir, checkpoint_every, resume, fn=fn, folder_arg="save_dir")
     if save_dir is None or (checkpoint_every is None and not resume):
         return None
-    from .._engine.train import CHECKPOINT_DIR
-
     return Path(save_dir) / CHECKPOINT_DIR
 
 

@@ -326,7 +326,10 @@ def run_folds(
         )
         rows.append(row)
         r = test_ad.varm["s_pearson"]
-        per_gene[fold] = pd.Series(np.nanmean(r.to_numpy(), axis=1) if r.shape[1] else np.nan, index=r.index)
+        with warnings.catch_warnings():  # a gene constant in every held-out section has no r: NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_gene[fold] = pd.Series(np.nanmean(r.to_numpy(), axis=1) if r.shape[1] else np.nan, index=r.index)
+
         info(f"    {method!r} seed {random_state}, held out {fold!r}: {int(test.sum())} spots in {row['seconds']} s")
     has_spread = oof_spread is not None and np.isfinite(oof_spread).any()
     return FoldResults(pd.DataFrame(rows), oof, per_gene, oof_spread if has_spread else None)

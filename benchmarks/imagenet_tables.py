@@ -46,37 +46,34 @@ def frozen_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def finetune_table(runs: list[dict], frozen: dict) -> str:
-    head = "| predictor | " + " | ".join(
-        f"{p} all | {p} HEG | {p} Δ all vs `dual_knn` | {p} Δ HEG vs `dual_knn`" for p in PROTOCOLS.values()
-    )
-    lines = [head + " |", "|" + "---|" * (1 + 4 * len(PROTOCOLS))]
+def finetune_table(runs: list[dict], frozen: dict, proto: str) -> str:
+    cols = ("all", "HEG", "Δ all vs `knn`", "Δ HEG vs `knn`", "Δ all vs `dual_knn`", "Δ HEG vs `dual_knn`")
+    lines = ["| predictor | " + " | ".join(cols) + " |", "|" + "---|" * (1 + len(cols))]
     rows: dict[str, list[str]] = {}
     for run in runs:
+        if proto not in run:
+            continue
+        r = run[proto]
         shortening = f", {run['max_epochs']} epochs" if run.get("max_epochs") else ""
         for method in [*run["methods"], "knn", "ridge_gcv", "dual_knn"]:
+            tuned = method in run["methods"]
             label = (
-                f"{method} fine-tuned from ImageNet{shortening}"
-                if method in run["methods"]
-                else f"`{method}`, EfficientNet-Lite0 frozen"
+                f"{method} fine-tuned from ImageNet{shortening}" if tuned else f"`{method}`, EfficientNet-Lite0 frozen"
             )
             if label in rows:
                 continue
-            cells = []
-            for proto in PROTOCOLS:
-                r = run.get(proto)
-                if r is None:
-                    cells += ["not run"] * 4
-                    continue
-                s = r["summary"][method]
-                cells += [_cell(s, "pcc_all"), _cell(s, "pcc_heg")]
-                cells += [_delta(r["vs_dual_knn"].get(f"{method}/{m}")) for m in ("pcc_all", "pcc_heg")]
-            rows[label] = cells
-    cells = []
-    for proto in PROTOCOLS:
-        s = frozen[f"mpp=1 hed_fast {proto}"]["summary"]["dual_knn"]
-        cells += [_cell(s, "pcc_all"), _cell(s, "pcc_heg"), "(another run)", "(another run)"]
-    rows["**`dual_knn`, `hed-fast`** (recommended)"] = cells
+            s = r["summary"][method]
+            rows[label] = [_cell(s, "pcc_all"), _cell(s, "pcc_heg")] + [
+                _delta(r[f"vs_{ref}"].get(f"{method}/{m}"))
+                for ref in ("knn", "dual_knn")
+                for m in ("pcc_all", "pcc_heg")
+            ]
+    s = frozen[f"mpp=1 hed_fast {proto}"]["summary"]["dual_knn"]
+    rows["**`dual_knn`, `hed-fast`** (recommended; another run, same folds and seeds)"] = [
+        _cell(s, "pcc_all"),
+        _cell(s, "pcc_heg"),
+        *["—"] * 4,
+    ]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows.items()]
     return "\n".join(lines)
 
@@ -90,8 +87,9 @@ def main(argv=None) -> int:
     print(frozen_table(frozen))
     runs = [json.loads(f.read_text()) for f in sorted(args.results.glob("imagenet_finetune*.json"))]
     if runs:
-        print("\nFine-tuned from the ImageNet weights (1 µm/px, 224 px; Δ against `dual_knn` of the same run):\n")
-        print(finetune_table(runs, frozen))
+        for proto, label in PROTOCOLS.items():
+            print(f"\nFine-tuned from the ImageNet weights, {label} (1 µm/px, 224 px; Δ against the same run):\n")
+            print(finetune_table(runs, frozen, proto))
     return 0
 
 

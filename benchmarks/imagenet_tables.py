@@ -18,7 +18,8 @@ FEATURES = {"hed_fast": "`hed-fast`", "efficientnet_lite0": "EfficientNet-Lite0"
 
 
 def _cell(s: dict, metric: str) -> str:
-    return f"{s[f'{metric}_mean']:.3f} ± {s[f'{metric}_std']:.3f}"
+    sd = s[f"{metric}_std"]
+    return f"{s[f'{metric}_mean']:.3f}" + ("" if sd != sd else f" ± {sd:.3f}")  # one seed: no sd
 
 
 def _delta(d: dict | None) -> str:
@@ -54,7 +55,7 @@ def finetune_table(runs: list[dict], frozen: dict, proto: str) -> str:
         if proto not in run:
             continue
         r = run[proto]
-        shortening = f", {run['max_epochs']} epochs" if run.get("max_epochs") else ""
+        shortening = f", {run['max_epochs']} epochs per stage" if run.get("max_epochs") else ""
         for method in [*run["methods"], "knn", "ridge_gcv", "dual_knn"]:
             tuned = method in run["methods"]
             label = (

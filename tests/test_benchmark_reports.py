@@ -66,6 +66,13 @@ def test_imagenet_tables_mark_intervals_above_zero(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "**+0.050 [+0.010, +0.090] 3/3**" in text  # interval above 0: bold
     assert (
-        "| bleep fine-tuned from ImageNet, 2 epochs | 0.100 ± 0.000 | 0.150 ± 0.000 | -0.020 [-0.030, -0.010]" in text
+        "| bleep fine-tuned from ImageNet, 2 epochs per stage | 0.100 ± 0.000 | 0.150 ± 0.000 | -0.020 [-0.030, -0.010]"
+        in text
     )
     assert text.count("(recommended; another run") == 2
+
+
+def test_imagenet_tables_one_seed_has_no_sd():
+    cell = _script("imagenet_tables")._cell
+    assert cell({"pcc_all_mean": 0.1, "pcc_all_std": float("nan")}, "pcc_all") == "0.100"
+    assert cell({"pcc_all_mean": 0.1, "pcc_all_std": 0.02}, "pcc_all") == "0.100 ± 0.020"

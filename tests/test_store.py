@@ -144,9 +144,11 @@ def test_failed_extraction_keeps_store_for_resume_and_leaves_adata(toy2, tmp_pat
 
     monkeypatch.setattr(_patches, "_extract_library", fail_on_second_library)
     store = tmp_path / "p.zarr"
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(RuntimeError, match="disk full") as err:
         st.pp.extract_patches(toy2, patch_size=S, library_key="section", store=store, progress=False)
     assert _snapshot(toy2) == before
+    (note,) = err.value.__notes__  # the user is told the store is kept and how to finish it
+    assert "is kept (1 of 2" in note and "extract_patches again" in note and "resume=True" in note
     status = _store.store_status(store)
     assert status.units == ["lib_0000", "lib_0001"] and status.done == {"lib_0000"}
     assert (store / _store.DONE / "lib_0000" / "zarr.json").is_file()

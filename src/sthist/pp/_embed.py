@@ -358,14 +358,7 @@ def embed_patches(
                     for k, values in zip(todo, results, strict=True):
                         emb[blocks[k][0] : blocks[k][1]] = values
     except BaseException as err:
-        if store_path is not None and store_path.exists():
-            status = _store.store_status(store_path)
-            note = (
-                f"The store {str(store_path)!r} is kept ({status.progress()}): call embed_patches again with the "
-                "same parameters and resume=True to encode only the rest, or overwrite=True to start over."
-            )
-            err.add_note(note)
-            info("    " + note)
+        _store.note_kept(err, store_path, fn="embed_patches", rest="encode only the rest")
         raise
     if store_path is not None:
         emb = _store.open_embeddings(store_path)

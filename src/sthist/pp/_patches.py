@@ -411,14 +411,7 @@ def extract_patches(
             with resolve_client(client, n_jobs if len(remote) > 1 else 1, fn=_FN) as run_on:
                 run.execute(run_on, remote, opened)
         except BaseException as err:
-            if store_path is not None and store_path.exists():
-                status = _store.store_status(store_path)
-                note = (
-                    f"The store {str(store_path)!r} is kept ({status.progress()}): call extract_patches again with "
-                    "the same parameters and resume=True to extract only the rest, or overwrite=True to start over."
-                )
-                err.add_note(note)
-                info("    " + note)
+            _store.note_kept(err, store_path, fn="extract_patches", rest="extract only the rest")
             raise
     finally:
         for src in opened.values():

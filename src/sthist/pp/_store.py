@@ -37,6 +37,7 @@ One array per library means that processes extracting different libraries never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,6 +249,24 @@ def incomplete_message(path: Path, status: StoreStatus, param: str = "store") ->
     )
 
 
+def note_kept(err: BaseException, path: Path | None, *, fn: str, rest: str) -> None:
+    """Tell a failed ``fn(store=...)`` call's user that the unfinished store is kept, and how to finish or restart it.
+
+    The note goes on ``err`` (shown with its traceback) and to the log; ``rest`` says what resuming does, e.g.
+    ``"extract only the rest"``. Nothing when no store was created.
+    """
+    from .._logging import info
+
+    if path is None or not path.exists():
+        return
+    note = (
+        f"The store {str(path)!r} is kept ({store_status(path).progress()}): call {fn} again with the same "
+        f"parameters and resume=True to {rest}, or overwrite=True to start over."
+    )
+    err.add_note(note)
+    info("    " + note)
+
+
 def check_resume(path: Path, *, kind: str, spec: dict, fn: str) -> set[str]:
     """The finished units of the existing store at ``path``; raise when it cannot be resumed with ``spec``."""
     status = store_status(path)
@@ -380,12 +400,27 @@ def _publish(tmp: Path, path: Path) -> None:
         raise
 
 
-def _new_group(tmp: Path) -> Any:
+@contextlib.contextmanager
+def _building(path: Path, kind: str, spec: dict | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Build a new store of ``kind`` in a hidden sibling of ``path`` and rename it into place when the body ends.
+
+    Yields the new zarr group and its attrs (kind, format, ``spec`` and ``spec_sha256`` set; the body adds its own),
+    which are written last. A body that raises leaves nothing behind.
+    """
     import zarr
 
-    group = zarr.open_group(tmp, mode="w")
-    group.create_group(DONE, attributes={"about": "one group per finished unit; see sthist.pp._store"})
-    return group
+    spec = dict(spec or {})
+    attrs: dict[str, Any] = {_KIND: kind, "format": FORMAT, "spec": _json(spec), "spec_sha256": spec_sha256(spec)}
+    tmp = _staging(path)
+    try:
+        group = zarr.open_group(tmp, mode="w")
+        group.create_group(DONE, attributes={"about": "one group per finished unit; see sthist.pp._store"})
+        yield group, attrs
+        group.attrs.update(attrs)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, path)
 
 
 def create_patch_store(
@@ -403,11 +438,7 @@ def create_patch_store(
     Built in a hidden sibling folder and renamed to ``path`` when complete (replacing a store there). Returns the
     store's ``spec_sha256``, which every completion marker names.
     """
-    spec = dict(spec or {})
-    sha = spec_sha256(spec)
-    tmp = _staging(path)
-    try:
-        group = _new_group(tmp)
+    with _building(path, "patches", spec) as (group, attrs):
         for li, n in enumerate(counts):
             group.create_array(
                 array_name(li),
@@ -421,25 +452,17 @@ def create_patch_store(
         if inverse is not None:
             arr = group.create_array("obs_index", shape=inverse.shape, chunks=(max(len(inverse), 1),), dtype="int64")
             arr[:] = inverse
-        group.attrs.update(
+        attrs.update(
             {
-                _KIND: "patches",
-                "format": FORMAT,
                 "libraries": list(libs),
                 "arrays": [array_name(li) for li in order],
                 "n_obs": int(sum(counts)),
                 "patch_size": int(S),
                 "obs_order": "grouped" if inverse is None else "permuted",
                 "units": [array_name(li) for li in range(len(counts))],
-                "spec": _json(spec),
-                "spec_sha256": sha,
             }
         )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, path)
-    return sha
+    return attrs["spec_sha256"]
 
 
 def write_rows(path: Path, name: str, start: int, block: np.ndarray) -> None:
@@ -486,12 +509,8 @@ def create_embedding_store(path: Path, *, n: int, d: int, rows: int, spec: dict 
 
     Built in a hidden sibling folder and renamed to ``path`` when complete (replacing a store there).
     """
-    spec = dict(spec or {})
-    sha = spec_sha256(spec)
     rows = min(int(rows), max(int(n), 1))
-    tmp = _staging(path)
-    try:
-        group = _new_group(tmp)
+    with _building(path, "embeddings", spec) as (group, attrs):
         group.create_array(
             "embeddings",
             shape=(n, d),
@@ -500,22 +519,8 @@ def create_embedding_store(path: Path, *, n: int, d: int, rows: int, spec: dict 
             compressors=compressor("embeddings"),
             fill_value=0.0,
         )
-        group.attrs.update(
-            {
-                _KIND: "embeddings",
-                "format": FORMAT,
-                "n_obs": int(n),
-                "block_rows": rows,
-                "units": [block_name(k) for k in range(-(-int(n) // rows))],
-                "spec": _json(spec),
-                "spec_sha256": sha,
-            }
-        )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, path)
-    return sha
+        attrs.update({"n_obs": int(n), "block_rows": rows, "units": [block_name(k) for k in range(-(-int(n) // rows))]})
+    return attrs["spec_sha256"]
 
 
 def open_embeddings(path: str | os.PathLike) -> Any:
